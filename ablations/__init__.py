@@ -1,0 +1,1 @@
+"""Named ablation studies and the scripts users run (sweep, compare)."""

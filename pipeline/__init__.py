@@ -1,0 +1,1 @@
+"""Data, training, evaluation and tracking of kMaX models on Ray and MLflow."""

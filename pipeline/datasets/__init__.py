@@ -1,0 +1,1 @@
+"""Readers of the real on-disk dataset layouts and the synthetic generator."""

@@ -1,0 +1,97 @@
+"""Starting or joining Ray quietly, the same way for every command and test.
+
+Ray's defaults are loud (token-auth banners, progress bars, per-worker print patching). The
+environment variables below must be set before `ray.init` so they reach every worker process
+(DataContext settings made in the driver do not reach datasets built inside Tune trials; see
+shared/docs/reference_ray_mlflow.md §7).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+QUIET_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+"""Set (unless the user already set them) before Ray starts; inherited by all workers."""
+
+MLFLOW_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+"""Variables MLflow exports into os.environ; they must not leak into Ray workers."""
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray.
+
+    Attributes:
+        address: ``None`` or ``"local"`` starts a private local instance; anything else (``"auto"``,
+            ``"ray://host:10001"``, ``"host:6379"``) joins that cluster.
+        num_cpus: logical CPUs of a local instance (``None``: all cores).
+        object_store_gb: object-store cap of a local instance, in GiB.
+        verbose: keep Ray's own INFO logs and worker output.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_gb: float = 2.0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+        if self.object_store_gb <= 0:
+            raise ValueError(f"ray.object_store_gb must be > 0, got {self.object_store_gb}")
+
+
+def quiet_environment() -> None:
+    """Export `QUIET_ENV` (without overriding the user's values) and drop leaked MLflow variables."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for key in MLFLOW_ENV_VARS:
+        os.environ.pop(key, None)
+
+
+def init_ray(cfg: RayConfig | None = None):
+    """Start or join Ray once per process; a no-op when Ray is already initialised.
+
+    Returns the ``ray`` module so callers can write ``ray = init_ray(cfg)``.
+    """
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return ray
+    quiet_environment()
+    level = logging.INFO if cfg.verbose else logging.ERROR
+    if cfg.address in (None, "local"):
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            object_store_memory=int(cfg.object_store_gb * 1024**3),
+            logging_level=level,
+            log_to_driver=cfg.verbose,
+            include_dashboard=False,
+            configure_logging=True,
+        )
+    else:
+        ray.init(address=cfg.address, logging_level=level, log_to_driver=cfg.verbose)
+    _quiet_ray_data()
+    return ray
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Deterministic row order: shards, evaluation reductions and training epochs depend on it.
+    ctx.execution_options.preserve_order = True
