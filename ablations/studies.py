@@ -1,0 +1,39 @@
+"""The named ablation studies of the kMaX / CMT clustering design.
+
+Each function returns a `pipeline.study.Study`: a grid over dotted config paths, replicated over
+seeds. Add a study by writing one more function here (or in your own module and passing
+``--study mymodule:myfunction``).
+"""
+
+from __future__ import annotations
+
+from pipeline.study import Study
+
+ASSIGNMENT = "model.decoder.assignment"
+COORD_CONV = "model.decoder.coord_conv"
+DEPTH = "model.decoder.blocks_per_stride"
+
+ASSIGNMENT_MODES = ["spatial_softmax", "cluster_softmax", "argmax"]
+DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+
+
+def assignment(seeds: int = 1) -> Study:
+    """Spatial-softmax cross-attention (MaX / Mask2Former) vs CMT cluster-wise softmax vs kMaX argmax."""
+    return Study("assignment", {ASSIGNMENT: ASSIGNMENT_MODES}, seeds=seeds)
+
+
+def coord_conv(seeds: int = 1) -> Study:
+    """CMT-DeepLab's location-sensitive clustering (coordinate convolution) off vs on."""
+    return Study("coord_conv", {COORD_CONV: [False, True]}, seeds=seeds)
+
+
+def decoder_depth(seeds: int = 1) -> Study:
+    """kMaX decoder blocks per stride (32, 16, 8): 3, 6 or 9 layers."""
+    return Study("decoder_depth", {DEPTH: DEPTHS}, seeds=seeds)
+
+
+def full(seeds: int = 1) -> Study:
+    """The full factorial of the three ablations (3 x 2 x 3 = 18 variants)."""
+    return Study(
+        "full", {ASSIGNMENT: ASSIGNMENT_MODES, COORD_CONV: [False, True], DEPTH: DEPTHS}, seeds=seeds
+    )

@@ -1,0 +1,271 @@
+"""Training-time augmentation and target building; the eval-time transform.
+
+Training (`augment_record`): random scale in [min_scale, max_scale] (image bilinear, label nearest),
+random crop to ``crop_size`` with void padding at the bottom/right (padded image pixels are zero after
+normalisation, as bytedance/kmax-deeplab does with ``is_real_pixels``), horizontal flip. The randomness
+is drawn from ``default_rng([seed, epoch, crc32(record_id)])``, so an epoch is reproducible whatever the
+batching, the worker count or the order, and every epoch differs.
+
+Targets (`build_target`, the `kmax_model.targets.Target` contract) are built at the output-stride grid by
+strided subsampling ``label[::stride, ::stride]`` (reference_kmax.md §9.4; deeplab2 and the kMaX-PyTorch
+mapper's ``[::4, ::4]``): a crop of ``k * stride + 1`` pixels gives a ``k + 1`` grid, i.e. the grid size is
+``ceil(crop / stride)``, the model's "SAME" output size.
+
+Two ways to run it with Ray:
+- `AugmentCollate(cfg, epoch)` passed to ``iter_torch_batches`` over the stored records (decodes and
+  augments inside the train worker; build a new one per epoch), or
+- `augment_dataset(ds, cfg, epoch)` (a Ray Data ``map_batches`` over a materialised dataset, lazily
+  re-run each epoch) followed by ``iter_torch_batches(collate_fn=TargetCollate())``.
+Both return ``{"images": float [B, 3, H, W] normalised, "targets": list[Target]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline.records import VOID_LABEL, decode_image, decode_label, decode_segments
+
+if TYPE_CHECKING:
+    from kmax_model.targets import Target
+
+# torch and kmax_model are imported inside the collate/target functions only: the Ray Data map workers of
+# `augment_dataset` then never pay their import (several seconds per worker process).
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; crop_size is (height, width) (an int means a square)."""
+
+    crop_size: tuple[int, int] | int = (97, 97)
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+    flip_prob: float = 0.5
+    output_stride: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_size, int):
+            self.crop_size = (self.crop_size, self.crop_size)
+        self.crop_size = tuple(int(v) for v in self.crop_size)
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"augment.crop_size must be (height, width) > 0, got {self.crop_size}")
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ValueError(
+                f"augment.min_scale/max_scale must satisfy 0 < min_scale <= max_scale, got "
+                f"{self.min_scale}, {self.max_scale}"
+            )
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"augment.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.output_stride < 1:
+            raise ValueError(f"augment.output_stride must be >= 1, got {self.output_stride}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Target grid ``ceil(crop / stride)`` per side."""
+        s = self.output_stride
+        return (-(-self.crop_size[0] // s), -(-self.crop_size[1] // s))
+
+
+def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(str(record_id).encode())])
+
+
+def _resize(image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    h, w = size_hw
+    img = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    lab = np.asarray(Image.fromarray(label.astype(np.int32)).resize((w, h), Image.NEAREST), dtype=np.int32)
+    return img, lab
+
+
+def augment_record(
+    image: np.ndarray, label: np.ndarray, record_id: str, cfg: AugmentConfig, epoch: int
+) -> dict:
+    """One image -> {"image" uint8 [Hc,Wc,3], "pixel_valid" bool [Hc,Wc], "label_grid" int32 [h,w]}."""
+    rng = record_rng(cfg.seed, epoch, record_id)
+    scale = rng.uniform(cfg.min_scale, cfg.max_scale)
+    h, w = label.shape
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        image, label = _resize(image, label, (nh, nw))
+    ch, cw = cfg.crop_size
+    y0 = int(rng.integers(0, max(nh - ch, 0) + 1))
+    x0 = int(rng.integers(0, max(nw - cw, 0) + 1))
+    img = np.zeros((ch, cw, 3), np.uint8)
+    lab = np.full((ch, cw), VOID_LABEL, np.int32)
+    real = np.zeros((ch, cw), bool)
+    ph, pw = min(ch, nh - y0), min(cw, nw - x0)
+    img[:ph, :pw] = image[y0 : y0 + ph, x0 : x0 + pw]
+    lab[:ph, :pw] = label[y0 : y0 + ph, x0 : x0 + pw]
+    real[:ph, :pw] = True
+    if rng.random() < cfg.flip_prob:
+        img, lab, real = img[:, ::-1], lab[:, ::-1], real[:, ::-1]
+    s = cfg.output_stride
+    return {
+        "image": np.ascontiguousarray(img),
+        "pixel_valid": np.ascontiguousarray(real),
+        "label_grid": np.ascontiguousarray(lab[::s, ::s]),
+    }
+
+
+def build_target(label_grid: np.ndarray, segments: list[dict]) -> Target:
+    """Target (kmax_model.targets) from a label map at the output grid and the record's segments.
+
+    One mask per non-crowd segment present on the grid (things: one per instance; stuff: one per class,
+    since a stuff class has a single segment), in the record's segment order.
+    """
+    import torch
+
+    from kmax_model.targets import IGNORE_INDEX, Target
+
+    info = {int(s["id"]): s for s in segments}
+    ids, counts = np.unique(label_grid, return_counts=True)
+    h, w = label_grid.shape
+    semantic = np.full((h, w), IGNORE_INDEX, np.int64)
+    valid = np.zeros((h, w), bool)
+    area = np.zeros((h, w), np.float32)
+    present = dict(zip(ids.tolist(), counts.tolist()))
+    masks, labels = [], []
+    for seg in segments:
+        sid = int(seg["id"])
+        if sid not in present:
+            continue
+        m = label_grid == sid
+        semantic[m] = seg["class_id"]
+        if seg.get("iscrowd", 0):
+            continue
+        valid |= m
+        area[m] = present[sid]
+        masks.append(m)
+        labels.append(seg["class_id"])
+    unknown = [v for v in present if v != VOID_LABEL and v not in info]
+    if unknown:
+        raise ValueError(f"label values {unknown[:5]} have no segment in the record")
+    masks_arr = np.stack(masks).astype(np.float32) if masks else np.zeros((0, h, w), np.float32)
+    return Target(
+        masks=torch.from_numpy(masks_arr),
+        labels=torch.as_tensor(labels, dtype=torch.int64),
+        valid=torch.from_numpy(valid),
+        semantic=torch.from_numpy(semantic),
+        area=torch.from_numpy(area),
+    )
+
+
+def _segments_list(value) -> list[dict]:
+    return value if isinstance(value, list) else decode_segments(str(value))
+
+
+def collate_augmented(batch: dict) -> dict:
+    """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}."""
+    import torch
+
+    from kmax_model.targets import normalize_images
+
+    images = torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["image"])))).permute(0, 3, 1, 2)
+    real = torch.from_numpy(np.stack(list(batch["pixel_valid"])).astype(bool))[:, None]
+    x = normalize_images(images) * real  # padding is exactly 0 after normalisation
+    targets = [
+        build_target(np.asarray(g), _segments_list(s)) for g, s in zip(batch["label_grid"], batch["segments"])
+    ]
+    return {"images": x.contiguous(), "targets": targets}
+
+
+def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int) -> dict:
+    """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch)."""
+    out = {"record_id": [], "image": [], "pixel_valid": [], "label_grid": [], "segments": []}
+    for i in range(len(batch["record_id"])):
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        aug = augment_record(
+            decode_image(batch["image"][i]),
+            decode_label(batch["label"][i], h, w),
+            str(batch["record_id"][i]),
+            cfg,
+            epoch,
+        )
+        out["record_id"].append(str(batch["record_id"][i]))
+        out["segments"].append(str(batch["segments"][i]))
+        for k in ("image", "pixel_valid", "label_grid"):
+            out[k].append(aug[k])
+    return {
+        k: np.stack(v) if k in ("image", "pixel_valid", "label_grid") else np.array(v) for k, v in out.items()
+    }
+
+
+class AugmentCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches(collate_fn=AugmentCollate(cfg, epoch))`` over stored records (decode + augment
+    + targets in the train worker). Make a new instance per epoch."""
+
+    def __init__(self, cfg: AugmentConfig, epoch: int = 0):
+        self.cfg, self.epoch = cfg, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return collate_augmented(augment_rows(batch, self.cfg, self.epoch))
+
+
+class TargetCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches(collate_fn=TargetCollate())`` over rows of `augment_dataset`."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return collate_augmented(batch)
+
+
+def augment_dataset(ds, cfg: AugmentConfig, epoch: int):
+    """Ray Data: stored records -> augmented rows (image, pixel_valid, label_grid, segments, record_id)."""
+    return ds.map_batches(
+        augment_rows, fn_kwargs={"cfg": cfg, "epoch": epoch}, batch_format="numpy", batch_size=8
+    )
+
+
+def eval_transform(
+    image: np.ndarray, label: np.ndarray, segments: list[dict], eval_size: tuple[int, int]
+) -> dict:
+    """Deterministic eval input: shrink to fit ``eval_size`` (keeping the aspect ratio; never enlarge), pad
+    bottom/right. Returns {"image" uint8 [He,We,3], "pixel_valid" bool [He,We], "resized_hw" (h, w) of the
+    real pixels, "label" (the original full-resolution label), "segments"} for PQ at the original size:
+    crop predictions to ``resized_hw`` then resize them (nearest) to ``label.shape``."""
+    eh, ew = eval_size
+    h, w = label.shape
+    scale = min(1.0, eh / h, ew / w)
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = image
+    if (rh, rw) != (h, w):
+        img = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
+    out = np.zeros((eh, ew, 3), np.uint8)
+    out[:rh, :rw] = img
+    real = np.zeros((eh, ew), bool)
+    real[:rh, :rw] = True
+    return {"image": out, "pixel_valid": real, "resized_hw": (rh, rw), "label": label, "segments": segments}
+
+
+class EvalCollate(NumpyBatchCollateFn):
+    """Stored rows -> {"images": float [B,3,He,We] normalised (padding 0), "items": list of eval_transform
+    dicts without the image (record_id added)}."""
+
+    def __init__(self, eval_size: tuple[int, int]):
+        self.eval_size = tuple(eval_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        import torch
+
+        from kmax_model.targets import normalize_images
+
+        items = []
+        for i in range(len(batch["record_id"])):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            t = eval_transform(
+                decode_image(batch["image"][i]),
+                decode_label(batch["label"][i], h, w),
+                json.loads(str(batch["segments"][i])),
+                self.eval_size,
+            )
+            t["record_id"] = str(batch["record_id"][i])
+            items.append(t)
+        images = torch.from_numpy(np.stack([t.pop("image") for t in items])).permute(0, 3, 1, 2)
+        real = torch.from_numpy(np.stack([t["pixel_valid"] for t in items]))[:, None]
+        return {"images": (normalize_images(images) * real).contiguous(), "items": items}

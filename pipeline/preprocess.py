@@ -1,0 +1,338 @@
+"""`kmax prepare`: validate and convert a dataset into Parquet shards + manifest.json (Ray Data).
+
+Flow: the reader builds the record index from the annotation files (driver, cheap) -> Ray Data
+``from_items`` + ``map_batches`` decodes, validates and converts every record in parallel (order
+preserved) -> the driver streams the results back in order, assigns them to shards by cumulative size
+and writes each shard itself with pyarrow and fixed writer options (pipeline.records.write_shard).
+Shard contents therefore depend only on the inputs and options, never on the parallelism or on Ray's
+own file naming. Everything is written to a temporary folder that replaces ``OUT/<split>`` atomically
+at the end, so a failed or ``--strict``-rejected run never touches an earlier output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets import cityscapes, coco
+from pipeline.datasets.coco import Index, category_lookup
+from pipeline.datasets.panoptic import ConvertContext
+from pipeline.records import (
+    MANIFEST_NAME,
+    QUARANTINE_NAME,
+    RECORD_FIELDS,
+    SCHEMA_VERSION,
+    SHARD_PATTERN,
+    write_shard,
+)
+from pipeline.validation import MALFORMED_ANNOTATION, RecordError
+
+DATASETS = ("coco", "cityscapes", "cityscapes-panoptic")
+RESULT_FIELDS = ("order", "ok", "code", "file", "reason")
+MB = 1024 * 1024
+
+
+@dataclass
+class PrepareOptions:
+    """Options of one `kmax prepare` run (recorded in the manifest, except the parallelism knobs).
+
+    dataset: "coco" (COCO panoptic layout), "cityscapes" (raw gtFine) or "cityscapes-panoptic"
+    (createPanopticImgs JSON, ``panoptic_json`` overrides its default path).
+    """
+
+    dataset: str
+    root: str
+    split: str
+    out: str
+    max_size: int | None = None
+    label_divisor: int | None = None
+    shard_mb: float = 64.0
+    panoptic_json: str | None = None
+    strict: bool = False
+    num_workers: int = 2
+    batch_size: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"prepare.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.max_size is not None and self.max_size < 8:
+            raise ValueError(f"prepare.max_size must be >= 8 pixels, got {self.max_size}")
+        if self.label_divisor is not None and self.label_divisor < 2:
+            raise ValueError(f"prepare.label_divisor must be >= 2, got {self.label_divisor}")
+        if self.shard_mb <= 0:
+            raise ValueError(f"prepare.shard_mb must be > 0, got {self.shard_mb}")
+        if self.num_workers < 1:
+            raise ValueError(f"prepare.num_workers must be >= 1, got {self.num_workers}")
+        if self.batch_size < 1:
+            raise ValueError(f"prepare.batch_size must be >= 1, got {self.batch_size}")
+        if not self.split or "/" in self.split or self.split.startswith("."):
+            raise ValueError(f"prepare.split must be a plain folder name, got {self.split!r}")
+
+
+def build_index(opts: PrepareOptions) -> Index:
+    if opts.dataset == "coco":
+        return coco.build_index(opts.root, opts.split, opts.label_divisor or coco.DEFAULT_LABEL_DIVISOR)
+    divisor = opts.label_divisor or cityscapes.DEFAULT_LABEL_DIVISOR
+    if opts.dataset == "cityscapes":
+        return cityscapes.build_raw_index(opts.root, opts.split, divisor)
+    return cityscapes.build_panoptic_index(opts.root, opts.split, opts.panoptic_json, divisor)
+
+
+def convert_row(row: dict, ctx: ConvertContext) -> dict:
+    """The per-record function (pure: same row -> same bytes). Raises RecordError on a bad record."""
+    if row.get("labelids_file"):
+        return cityscapes.convert_raw_row(row, ctx)
+    return coco.convert_png_row(row, ctx)
+
+
+def _empty_record(row: dict) -> dict:
+    return {
+        "record_id": row["record_id"],
+        "file_name": row["file_name"],
+        "height": 0,
+        "width": 0,
+        "orig_height": 0,
+        "orig_width": 0,
+        "image": b"",
+        "label": b"",
+        "segments": "",
+    }
+
+
+def convert_one(row: dict, ctx: ConvertContext) -> dict:
+    """`convert_row` plus the result fields: bad records come back with ok=False and the reason."""
+    try:
+        rec = convert_row(row, ctx)
+        return {**rec, "order": row["order"], "ok": True, "code": "", "file": "", "reason": ""}
+    except (KeyError, TypeError, ValueError) as exc:  # a segments_info entry without "id", a non-int area...
+        err = RecordError(
+            MALFORMED_ANNOTATION, row["label_file"], f"malformed annotation ({type(exc).__name__}: {exc})"
+        )
+    except RecordError as caught:
+        err = caught
+    return {
+        **_empty_record(row),
+        "order": row["order"],
+        "ok": False,
+        "code": err.code,
+        "file": err.file,
+        "reason": err.message,
+    }
+
+
+def convert_batch(batch: dict[str, np.ndarray], ctx: ConvertContext) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` UDF over index rows (numpy batch format)."""
+    keys = list(batch)
+    n = len(batch[keys[0]])
+    rows = [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
+    out = [convert_one(r, ctx) for r in rows]
+    cols = {}
+    for k in (*RECORD_FIELDS, *RESULT_FIELDS):
+        values = [o[k] for o in out]
+        cols[k] = np.array(values, dtype=object) if k in ("image", "label") else np.array(values)
+    return cols
+
+
+def _py(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, bad: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < 1.0):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        end = "\n" if final or not sys.stderr.isatty() else "\r"
+        print(
+            f"prepare {self.label}: {done}/{self.total} records, {bad} quarantined, {rate:.1f} img/s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _ray_results(index: Index, ctx: ConvertContext, opts: PrepareOptions):
+    """Yield converted result rows in index order (Ray Data map_batches, order preserved)."""
+    import ray.data
+
+    from pipeline.ray_utils import init_ray
+
+    init_ray()
+    # Ray Data logs an INFO line per execution and a WARNING about disabled progress bars: keep them out.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if not index.rows:
+        return
+    n_blocks = max(1, min(len(index.rows), opts.num_workers * 8))
+    ds = ray.data.from_items(index.rows, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        convert_batch,
+        fn_kwargs={"ctx": ctx},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=opts.num_workers),
+        num_cpus=1,
+    )
+    for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run the job; returns the manifest. Raises SystemExit-free errors; see `run` for the CLI."""
+    index = build_index(opts)
+    ctx = ConvertContext(
+        root=str(Path(opts.root).resolve()),
+        categories=category_lookup(index.categories),
+        label_divisor=index.label_divisor,
+        max_size=opts.max_size,
+    )
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{opts.split}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _write(index, ctx, opts, tmp)
+        if opts.strict and manifest["num_quarantined"]:
+            shutil.rmtree(tmp)
+            return manifest
+        _commit(tmp, out / opts.split)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -> dict:
+    quarantine = [
+        {k: q[k] for k in ("record_id", "file", "code", "reason")} | {"order": q["order"]}
+        for q in index.quarantine
+    ]
+    shards, buf, buf_bytes, done = [], [], 0, 0
+    target = opts.shard_mb * MB
+    progress = _Progress(len(index.rows), f"{opts.dataset}/{opts.split}", opts.progress)
+    expected_order = iter([r["order"] for r in index.rows])
+    for res in _ray_results(index, ctx, opts):
+        if res["order"] != next(expected_order):  # guards the determinism contract (preserve_order)
+            raise RuntimeError("Ray Data returned records out of order; preserve_order must be on")
+        done += 1
+        if not res["ok"]:
+            quarantine.append({k: res[k] for k in ("record_id", "file", "code", "reason", "order")})
+        else:
+            buf.append({k: res[k] for k in RECORD_FIELDS})
+            buf_bytes += len(res["image"]) + len(res["label"]) + len(res["segments"])
+            if buf_bytes >= target:
+                shards.append(write_shard(buf, tmp / SHARD_PATTERN.format(len(shards))))
+                buf, buf_bytes = [], 0
+        progress.update(done, len(quarantine))
+    if buf:
+        shards.append(write_shard(buf, tmp / SHARD_PATTERN.format(len(shards))))
+    progress.update(done, len(quarantine), final=True)
+    quarantine.sort(key=lambda q: q["order"])
+    with open(tmp / QUARANTINE_NAME, "w") as f:
+        for q in quarantine:
+            f.write(json.dumps({k: q[k] for k in ("record_id", "file", "code", "reason")}) + "\n")
+    options = {
+        k: v for k, v in asdict(opts).items() if k not in ("num_workers", "batch_size", "progress", "out")
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": opts.dataset,
+        "split": opts.split,
+        "root": str(Path(opts.root).resolve()),
+        "label_divisor": index.label_divisor,
+        "void_label": -1,
+        "num_classes": len(index.categories),
+        "categories": index.categories,
+        "thing_class_ids": [c["class_id"] for c in index.categories if c["isthing"]],
+        "num_records": sum(s["rows"] for s in shards),
+        "num_quarantined": len(quarantine),
+        "shards": shards,
+        "options": options,
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    manifest["quarantine"] = quarantine
+    return manifest
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Swap the finished folder in: rename is atomic on one filesystem; the old output goes last."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="coco")
+    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument(
+        "--split", required=True, help="split name, e.g. val (COCO: panoptic_{split}2017.json)"
+    )
+    parser.add_argument("--out", required=True, help="output folder; the split goes to OUT/<split>/")
+    parser.add_argument("--strict", action="store_true", help="exit 1 (writing nothing) if any record is bad")
+    parser.add_argument("--max-size", type=int, default=None, metavar="PX", help="shrink the long side to PX")
+    parser.add_argument("--label-divisor", type=int, default=None, help="default: coco 256, cityscapes 1000")
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    parser.add_argument(
+        "--panoptic-json", default=None, help="cityscapes-panoptic: path of the panoptic JSON"
+    )
+    parser.add_argument("--num-workers", type=int, default=2, help="parallel conversion tasks")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        opts = PrepareOptions(
+            dataset=args.dataset,
+            root=args.root,
+            split=args.split,
+            out=args.out,
+            max_size=args.max_size,
+            label_divisor=args.label_divisor,
+            shard_mb=args.shard_mb,
+            panoptic_json=args.panoptic_json,
+            strict=args.strict,
+            num_workers=args.num_workers,
+            progress=not args.quiet,
+        )
+        manifest = prepare(opts)
+    except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
+        print(f"kmax prepare: {exc}", file=sys.stderr)
+        return 2
+    bad = manifest["quarantine"]
+    if bad:
+        counts: dict[str, int] = {}
+        for q in bad:
+            counts[q["code"]] = counts.get(q["code"], 0) + 1
+        print(
+            f"{len(bad)} record(s) quarantined: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+            file=sys.stderr,
+        )
+        for q in bad[:10]:
+            print(f"  {q['record_id']}: {q['file']}: {q['reason']}", file=sys.stderr)
+        if opts.strict:
+            print("kmax prepare --strict: nothing written", file=sys.stderr)
+            return 1
+    print(
+        f"wrote {manifest['num_records']} records in {len(manifest['shards'])} shard(s) to "
+        f"{Path(opts.out) / opts.split}"
+    )
+    return 0

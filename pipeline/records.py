@@ -1,0 +1,185 @@
+"""The canonical record and shard schema: the one contract between preprocessing, training and evaluation.
+
+A prepared split lives in ``DIR/<split>/``::
+
+    manifest.json        dataset, split, categories + contiguous ids, label divisor, counts, hashes, options
+    quarantine.jsonl     one {"record_id", "file", "code", "reason"} per rejected input record
+    shard-00000.parquet  rows of `RECORD_SCHEMA`, in the deterministic order of the source annotation file
+
+Row fields (`RECORD_SCHEMA`):
+    record_id     str    image id as a string (COCO int id, Cityscapes "city_seq_frame")
+    file_name     str    source image path relative to the dataset root
+    height/width  int32  size of the stored image and label (after an optional --max-size resize)
+    orig_height/orig_width int32  size in the source dataset
+    image         bytes  encoded image (the source bytes when not resized, PNG otherwise); decode_image
+    label         bytes  zlib-compressed little-endian int32 [height, width] panoptic map
+                         ``class_id * label_divisor + instance`` with VOID_LABEL (-1) on void; decode_label
+    segments      str    JSON list of segment dicts (COMMON.md contract: id, category_id, class_id, isthing,
+                         iscrowd, area) plus ``source_id`` (the segment's id in the source PNG)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+VOID_LABEL = -1
+"""Label-map value of void; equal to kmax_model.targets.VOID_LABEL (asserted in tests/test_records.py).
+Defined here too so that preprocessing workers never import kmax_model and torch (seconds per worker)."""
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+SHARD_PATTERN = "shard-{:05d}.parquet"
+LABEL_ZLIB_LEVEL = 6
+"""Fixed so identical labels always give identical bytes."""
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("file_name", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("image", pa.binary()),
+        ("label", pa.binary()),
+        ("segments", pa.string()),
+    ]
+)
+RECORD_FIELDS = tuple(RECORD_SCHEMA.names)
+
+# Fixed writer options: together with the fixed row order they make shards byte-identical across runs.
+PARQUET_WRITE_OPTIONS = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": False,
+    "write_statistics": False,
+    "version": "2.6",
+    "data_page_size": 1 << 20,
+}
+ROW_GROUP_SIZE = 64
+
+
+def encode_label(label: np.ndarray) -> bytes:
+    """int32 [H, W] panoptic map -> compressed bytes (see the module docstring)."""
+    return zlib.compress(np.ascontiguousarray(label, dtype="<i4").tobytes(), LABEL_ZLIB_LEVEL)
+
+
+def decode_label(data: bytes, height: int, width: int) -> np.ndarray:
+    """Inverse of `encode_label`: int32 [height, width]."""
+    arr = np.frombuffer(zlib.decompress(data), dtype="<i4")
+    if arr.size != height * width:
+        raise ValueError(f"label holds {arr.size} values, expected {height}x{width}")
+    return arr.reshape(height, width).astype(np.int32)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded JPEG/PNG bytes -> uint8 [H, W, 3] RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def encode_segments(segments: list[dict]) -> str:
+    return json.dumps(segments, sort_keys=True, separators=(",", ":"))
+
+
+def decode_segments(data: str) -> list[dict]:
+    return json.loads(data)
+
+
+def decode_record(row: dict) -> dict:
+    """A stored row -> {"record_id", "image" uint8 [H,W,3], "label" int32 [H,W], "segments", ...}."""
+    h, w = int(row["height"]), int(row["width"])
+    out = {k: row[k] for k in ("record_id", "file_name", "orig_height", "orig_width") if k in row}
+    out.update(
+        height=h,
+        width=w,
+        image=decode_image(row["image"]),
+        label=decode_label(row["label"], h, w),
+        segments=decode_segments(row["segments"]),
+    )
+    return out
+
+
+def source_id_map(label: np.ndarray, segments: list[dict]) -> np.ndarray:
+    """Rebuild the source dataset's id map (0 = void) from a record's label map: a round-trip check."""
+    out = np.zeros(label.shape, dtype=np.int64)
+    for seg in segments:
+        out[label == seg["id"]] = seg["source_id"]
+    return out
+
+
+def split_dir(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / split
+
+
+def read_manifest(data_dir: str | Path, split: str) -> dict:
+    """The manifest of a prepared split; raises FileNotFoundError naming the path when absent."""
+    path = split_dir(data_dir, split) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared split '{split}' here: {path} does not exist (run `kmax prepare`)"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
+    """Shard files of a split, in record order."""
+    manifest = read_manifest(data_dir, split)
+    return [split_dir(data_dir, split) / s["file"] for s in manifest["shards"]]
+
+
+def iter_records(data_dir: str | Path, split: str, columns: list[str] | None = None) -> Iterator[dict]:
+    """Stored rows (undecoded) of a split in record order, read with plain pyarrow (no Ray)."""
+    for path in shard_paths(data_dir, split):
+        table = pq.read_table(path, columns=columns)
+        yield from table.to_pylist()
+
+
+def load_dataset(data_dir: str | Path, split: str, columns: list[str] | None = None, lazy: bool = True):
+    """The split as a `ray.data.Dataset` of `RECORD_SCHEMA` rows, in record order.
+
+    ``lazy=True`` streams the shards with ``read_parquet`` (any size). ``lazy=False`` reads them in this
+    process and hands the tables over with ``from_arrow``: for small splits (tests, the synthetic demo) it
+    skips read_parquet's task start-up, which costs seconds on a loaded 2-core machine.
+    """
+    import ray.data
+
+    paths = shard_paths(data_dir, split)
+    if lazy:
+        ds = ray.data.read_parquet([str(p) for p in paths], schema=RECORD_SCHEMA)
+    else:
+        ds = ray.data.from_arrow([pq.read_table(p, schema=RECORD_SCHEMA) for p in paths])
+    return ds.select_columns(columns) if columns else ds
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(rows: list[dict], path: str | Path) -> dict:
+    """Write rows (dicts with `RECORD_FIELDS`) as one Parquet file with the fixed writer options.
+
+    Returns the manifest entry {"file", "rows", "sha256", "bytes"}.
+    """
+    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    pq.write_table(table, str(path), row_group_size=ROW_GROUP_SIZE, **PARQUET_WRITE_OPTIONS)
+    path = Path(path)
+    return {"file": path.name, "rows": len(rows), "sha256": file_sha256(path), "bytes": path.stat().st_size}

@@ -1,0 +1,104 @@
+"""An ablation study: a grid over dotted config paths, replicated over seeds.
+
+Studies are plain data so that they can be defined anywhere (``ablations/studies.py`` or a user's
+module) and resolved by name: ``resolve_study("assignment")`` looks in ``ablations.studies``,
+``resolve_study("mylab.studies:widths")`` imports that function. `pipeline.sweep` turns a study into
+a Ray Tune grid; `pipeline.report` groups runs back into its variants.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_STUDY_MODULE = "ablations.studies"
+SEED_PATH = "train.seed"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A factorial grid over config fields.
+
+    Attributes:
+        name: the study's name (MLflow parent-run tag ``study``).
+        space: dotted config path -> the values to try, e.g.
+            ``{"model.decoder.assignment": ["spatial_softmax", "cluster_softmax", "argmax"]}``.
+        seeds: replicates of every variant, with ``train.seed`` = 0..seeds-1.
+        fixed: overrides applied to every trial (e.g. a shorter schedule for this study).
+    """
+
+    name: str
+    space: dict[str, Sequence[Any]]
+    seeds: int = 1
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("study.name must be non-empty")
+        if not self.space:
+            raise ValueError(f"study {self.name}: space must name at least one config path")
+        for path, values in self.space.items():
+            if "." not in path:
+                raise ValueError(f"study {self.name}: space key {path!r} is not a dotted config path")
+            if isinstance(values, str) or len(values) == 0:
+                raise ValueError(f"study {self.name}: space[{path!r}] must be a non-empty list of values")
+        if SEED_PATH in self.space:
+            raise ValueError(f"study {self.name}: seeds are set by `seeds`, not by space[{SEED_PATH!r}]")
+        if self.seeds < 1:
+            raise ValueError(f"study {self.name}: seeds must be >= 1, got {self.seeds}")
+
+    def variants(self) -> list[dict[str, Any]]:
+        """Every point of the grid (without the seed), in a stable order."""
+        paths = list(self.space)
+        return [dict(zip(paths, combo)) for combo in itertools.product(*(self.space[p] for p in paths))]
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every (variant, seed) pair as the full set of overrides of one trial."""
+        return [
+            {**self.fixed, **variant, SEED_PATH: seed}
+            for variant in self.variants()
+            for seed in range(self.seeds)
+        ]
+
+
+def variant_name(overrides: dict[str, Any], study: Study) -> str:
+    """A short, stable label of a variant: ``assignment=argmax,coord_conv=True``."""
+    parts = []
+    for path in study.space:
+        value = overrides[path]
+        if isinstance(value, (list, tuple)):
+            value = "x".join(str(v) for v in value)
+        parts.append(f"{path.rsplit('.', 1)[-1]}={value}")
+    return ",".join(parts)
+
+
+def resolve_study(spec: str, seeds: int | None = None) -> Study:
+    """Resolve ``NAME`` (a function of ``ablations.studies``) or ``module:function`` to a `Study`.
+
+    The function is called with ``seeds=`` when given. Raises ValueError naming what was not found.
+    """
+    module_name, _, func_name = spec.rpartition(":") if ":" in spec else (DEFAULT_STUDY_MODULE, "", spec)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--study {spec}: cannot import module {module_name!r} ({exc})") from exc
+    func: Callable[..., Study] | None = getattr(module, func_name, None)
+    if not callable(func):
+        known = sorted(
+            n
+            for n, f in vars(module).items()
+            if inspect.isfunction(f) and f.__module__ == module.__name__ and not n.startswith("_")
+        )
+        raise ValueError(
+            f"--study {spec}: {module_name} has no study {func_name!r}; known: {', '.join(known)}"
+        )
+    study = func(seeds=seeds) if seeds is not None else func()
+    if not isinstance(study, Study):
+        raise ValueError(
+            f"--study {spec}: {module_name}.{func_name}() returned {type(study).__name__}, not Study"
+        )
+    return study
