@@ -1,0 +1,299 @@
+"""Typed model configuration of kMaX-DeepLab / CMT-DeepLab and the named presets.
+
+Every architectural number is a field here (no hidden literals in the modules). Each dataclass
+validates itself in ``__post_init__`` and its errors name the field with its path inside
+`KMaXConfig` (``decoder.num_clusters must be > 0``); `kmax_model.config_utils` prefixes the parents
+(``model.decoder.num_clusters ...``) when a config is built from a dict or from dotted overrides.
+
+Reference values: deeplab2 ``model/kmax_deeplab.py``, ``model/builder.py`` and the COCO / Cityscapes
+``configs/*/kmax_deeplab/*.textproto`` @ 64bc1c1a (see docs/reference_kmax.md §1, §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kmax_model.config_objective import LossConfig, PostProcessConfig, cityscapes_loss_config
+
+BackboneName = Literal[
+    "resnet50", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "tiny"
+]
+BlockType = Literal["axial", "bottleneck"]
+Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax"]
+NormName = Literal["bn", "gn"]
+
+PRESET_NAMES = (
+    "tiny",
+    "resnet50_coco",
+    "resnet50_cityscapes",
+    "convnext_tiny_coco",
+    "convnext_small_coco",
+    "convnext_base_coco",
+    "convnext_large_coco",
+)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _unit(name: str, value: float, *, upper_open: bool = True) -> None:
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value!r}")
+
+
+def _all_positive(name: str, values: tuple) -> None:
+    for i, v in enumerate(values):
+        if v <= 0:
+            raise ValueError(f"{name}[{i}] must be > 0, got {values!r}")
+
+
+@dataclass
+class BackboneConfig:
+    """Pixel encoder. ``drop_path_rate`` is the stochastic-depth rate (1 - keep prob), linear over depth
+    for ConvNeXt (COCO: T .3, S .4, B .5, L .6; R50 0). ``tiny_*`` fields size the CPU backbone only.
+    ``pretrained`` is an optional local checkpoint path the training code loads with `load_pretrained`."""
+
+    name: BackboneName = "resnet50"
+    drop_path_rate: float = 0.0
+    pretrained: str | None = None
+    tiny_stem_width: int = 16
+    tiny_widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    tiny_blocks: tuple[int, int, int, int] = (1, 1, 1, 1)
+
+    def __post_init__(self) -> None:
+        _unit("backbone.drop_path_rate", self.drop_path_rate)
+        _positive("backbone.tiny_stem_width", self.tiny_stem_width)
+        _all_positive("backbone.tiny_widths", self.tiny_widths)
+        _all_positive("backbone.tiny_blocks", self.tiny_blocks)
+
+
+@dataclass
+class PixelDecoderConfig:
+    """Enhanced pixel decoder, one stage per stride 32, 16, 8, 4 (deeplab2 ``model/pixel_decoder/kmax.py``).
+
+    Stage i has ``num_blocks[i]`` blocks of type ``block_types[i]`` with base width ``dims[i]`` and output
+    ``4 * dims[i]`` channels. Axial attention uses ``num_heads`` heads, key depth ``dims[i]`` and value depth
+    ``2 * dims[i]``; its relative-position tables have ``2 * max_span - 1`` rows (deeplab2 MAX_SPAN = 255),
+    and distances beyond ``max_span - 1`` share the last row (clamped, as deeplab2 does), so any input size
+    works.
+    """
+
+    dims: tuple[int, int, int, int] = (512, 256, 128, 64)
+    num_blocks: tuple[int, int, int, int] = (1, 5, 1, 1)
+    block_types: tuple[BlockType, BlockType, BlockType, BlockType] = (
+        "axial",
+        "axial",
+        "bottleneck",
+        "bottleneck",
+    )
+    num_heads: int = 8
+    max_span: int = 255
+    drop_path_rate: float = 0.0
+    input_ln_eps: float = 1e-6
+    rpe_init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        _all_positive("pixel_decoder.dims", self.dims)
+        _all_positive("pixel_decoder.num_blocks", self.num_blocks)
+        _positive("pixel_decoder.num_heads", self.num_heads)
+        _positive("pixel_decoder.max_span", self.max_span)
+        _unit("pixel_decoder.drop_path_rate", self.drop_path_rate)
+        _positive("pixel_decoder.input_ln_eps", self.input_ln_eps)
+        for i, (d, t) in enumerate(zip(self.dims, self.block_types)):
+            if t == "axial" and d % self.num_heads:
+                raise ValueError(
+                    f"pixel_decoder.dims[{i}]={d} must be divisible by num_heads={self.num_heads}"
+                )
+
+
+@dataclass
+class TransformerDecoderConfig:
+    """kMaX transformer decoder (deeplab2 ``transformer_decoder/kmax.py``, ``dual_path_transformer.py``).
+
+    ``blocks_per_stride`` layers run at strides 32, 16, 8 (decoder depth). ``assignment`` selects the
+    pixel-to-cluster step (see `kmax_model.clustering`); ``coord_conv`` adds CMT-DeepLab's location-sensitive
+    clustering. Centre self-attention: ``num_heads`` heads, total key depth ``key_dim``, value depth
+    ``hidden_dim``.
+    ``drop_path_rate`` applies (independent masks) to the update, attention and FFN residuals.
+    """
+
+    num_clusters: int = 128
+    hidden_dim: int = 256
+    key_dim: int = 128
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    blocks_per_stride: tuple[int, int, int] = (2, 2, 2)
+    drop_path_rate: float = 0.2
+    assignment: Assignment = "argmax"
+    coord_conv: bool = False
+    center_init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_clusters", "hidden_dim", "key_dim", "num_heads", "ffn_dim"):
+            _positive(f"decoder.{name}", getattr(self, name))
+        for i, n in enumerate(self.blocks_per_stride):
+            if n < 0:
+                raise ValueError(
+                    f"decoder.blocks_per_stride[{i}] must be >= 0, got {self.blocks_per_stride!r}"
+                )
+        if sum(self.blocks_per_stride) == 0:
+            raise ValueError("decoder.blocks_per_stride must contain at least one layer")
+        if self.key_dim % self.num_heads or self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"decoder.key_dim ({self.key_dim}) and decoder.hidden_dim ({self.hidden_dim}) must be "
+                f"divisible by decoder.num_heads ({self.num_heads})"
+            )
+        _unit("decoder.drop_path_rate", self.drop_path_rate)
+        if self.assignment not in ("argmax", "cluster_softmax", "spatial_softmax"):
+            raise ValueError(
+                f"decoder.assignment must be argmax|cluster_softmax|spatial_softmax, got {self.assignment!r}"
+            )
+        _positive("decoder.center_init_std", self.center_init_std)
+
+
+@dataclass
+class HeadConfig:
+    """Prediction heads (deeplab2 ``model/decoder/max_deeplab.py``): pixel embedding of ``pixel_embed_dim``
+    (L2-normalised) after a depthwise ``kernel_size`` conv and a ``hidden_dim`` 1x1 conv; mask-logit BN with
+    gamma ``mask_logit_bn_init``; class logits get the constant void prior ``log(K * p / (1 - p))``."""
+
+    pixel_embed_dim: int = 128
+    hidden_dim: int = 256
+    kernel_size: int = 5
+    mask_logit_bn_init: float = 0.1
+    void_prior: float = 0.9
+    class_init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        _positive("head.pixel_embed_dim", self.pixel_embed_dim)
+        _positive("head.hidden_dim", self.hidden_dim)
+        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            raise ValueError(f"head.kernel_size must be a positive odd int, got {self.kernel_size}")
+        _positive("head.mask_logit_bn_init", self.mask_logit_bn_init)
+        if not 0.0 < self.void_prior < 1.0:
+            raise ValueError(f"head.void_prior must be in (0, 1), got {self.void_prior}")
+        _positive("head.class_init_std", self.class_init_std)
+
+
+@dataclass
+class SemanticHeadConfig:
+    """Auxiliary semantic branch (Panoptic-DeepLab decoder on res5 + res3/res2 skips), training only."""
+
+    enabled: bool = True
+    aspp_channels: int = 256
+    aspp_rates: tuple[int, int, int] = (6, 12, 18)
+    decoder_channels: int = 256
+    low_level_channels: tuple[int, int] = (64, 32)
+    head_channels: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive("semantic_head.aspp_channels", self.aspp_channels)
+        _all_positive("semantic_head.aspp_rates", self.aspp_rates)
+        _positive("semantic_head.decoder_channels", self.decoder_channels)
+        _all_positive("semantic_head.low_level_channels", self.low_level_channels)
+        _positive("semantic_head.head_channels", self.head_channels)
+        _unit("semantic_head.dropout", self.dropout)
+
+
+@dataclass
+class KMaXConfig:
+    """The whole model plus its objective and inference settings.
+
+    ``num_classes`` is K, void excluded (class logits have K + 1 channels). Only ``output_stride = 4`` is
+    implemented (COCO/ADE in deeplab2; Cityscapes uses 4 as in bytedance/kmax-deeplab). ``norm`` picks the
+    normalisation of all decoder/head layers (BatchNorm with ``bn_eps``/``bn_momentum``; training converts
+    it to SyncBN).
+    """
+
+    num_classes: int = 133
+    output_stride: Literal[4] = 4
+    norm: NormName = "bn"
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    semantic_head: SemanticHeadConfig = field(default_factory=SemanticHeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
+
+    def __post_init__(self) -> None:
+        _positive("num_classes", self.num_classes)
+        if self.output_stride != 4:
+            raise ValueError(
+                f"output_stride must be 4 (the only implemented value), got {self.output_stride}"
+            )
+        if self.norm not in ("bn", "gn"):
+            raise ValueError(f"norm must be 'bn' or 'gn', got {self.norm!r}")
+        _positive("bn_eps", self.bn_eps)
+        _unit("bn_momentum", self.bn_momentum, upper_open=False)
+        for name, cls in (
+            ("backbone", BackboneConfig),
+            ("pixel_decoder", PixelDecoderConfig),
+            ("decoder", TransformerDecoderConfig),
+            ("head", HeadConfig),
+            ("semantic_head", SemanticHeadConfig),
+            ("loss", LossConfig),
+            ("postprocess", PostProcessConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+
+_CONVNEXT_COCO_DROP_PATH = {"tiny": 0.3, "small": 0.4, "base": 0.5, "large": 0.6}
+
+
+def _tiny() -> KMaXConfig:
+    """CPU-sized model: trains on 2 cores at 64-128 px (output stride 4, 32 clusters, one axial block per
+    deep stride). Post-processing area limits are 0 (the COCO 400/6400-px limits would void small images)."""
+    return KMaXConfig(
+        num_classes=8,
+        backbone=BackboneConfig(name="tiny"),
+        pixel_decoder=PixelDecoderConfig(
+            dims=(32, 32, 16, 16), num_blocks=(1, 1, 1, 1), num_heads=4, max_span=64
+        ),
+        decoder=TransformerDecoderConfig(
+            num_clusters=32, hidden_dim=64, key_dim=32, num_heads=4, ffn_dim=256, drop_path_rate=0.0
+        ),
+        head=HeadConfig(pixel_embed_dim=32, hidden_dim=64),
+        semantic_head=SemanticHeadConfig(
+            aspp_channels=32,
+            aspp_rates=(1, 2, 3),
+            decoder_channels=32,
+            low_level_channels=(16, 8),
+            head_channels=32,
+        ),
+        postprocess=dataclasses.replace(PostProcessConfig.coco(), thing_area_limit=0, stuff_area_limit=0),
+    )
+
+
+def preset(name: str) -> KMaXConfig:
+    """A fresh `KMaXConfig` for one of `PRESET_NAMES` (reference values of deeplab2's released configs)."""
+    if name == "tiny":
+        return _tiny()
+    if name == "resnet50_coco":
+        return KMaXConfig(num_classes=133, postprocess=PostProcessConfig.coco())
+    if name == "resnet50_cityscapes":
+        return KMaXConfig(
+            num_classes=19,
+            decoder=TransformerDecoderConfig(num_clusters=256),
+            loss=cityscapes_loss_config(),
+            postprocess=PostProcessConfig.cityscapes(),
+        )
+    if name.startswith("convnext_") and name.endswith("_coco"):
+        size = name[len("convnext_") : -len("_coco")]
+        if size in _CONVNEXT_COCO_DROP_PATH:
+            return KMaXConfig(
+                num_classes=133,
+                backbone=BackboneConfig(
+                    name=f"convnext_{size}", drop_path_rate=_CONVNEXT_COCO_DROP_PATH[size]
+                ),
+                postprocess=PostProcessConfig.coco(),
+            )
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")

@@ -1,0 +1,180 @@
+"""Learning acceptance: the `tiny` preset overfits 4 synthetic panoptic images to PQ >= 95.
+
+The images (65 x 65: two stuff regions split at a random row, discs and squares as two thing classes)
+are generated here; targets are built at the output-stride grid by strided subsampling (as the reference
+implementations do), the model is trained with the real criterion, and the post-processed predictions
+are scored against the targets with the project's PQ (`pipeline.pq`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import kmax_model
+from kmax_model.criterion import build_criterion
+from kmax_model.postprocess import panoptic_inference
+from kmax_model.targets import IGNORE_INDEX, Target, normalize_images
+
+SIZE = 65  # 2 * 32 + 1: the 17 x 17 output-stride grid aligns corner to corner with the image
+STRIDE = 4
+DIV = 1000
+NUM_IMAGES = 4
+# contiguous classes: 0 disc, 1 square (things); 2 sky, 3 ground (stuff)
+IS_THING = [True, True, False, False]
+COLOURS = {0: (220, 40, 40), 1: (40, 60, 220), 2: (140, 200, 240), 3: (90, 160, 60)}
+CATEGORY_IDS = [11, 12, 21, 22]  # "dataset" category ids, to exercise the contiguous -> dataset mapping
+STEPS = 300  # PQ reached 0.93 after 150 steps and 0.99 after 200 in the measured run
+LEARNING_RATE = 1e-2
+SEED = 0
+
+
+def _synthetic_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB uint8 image [H, W, 3] and its panoptic label map (class * DIV + instance)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    horizon = int(rng.integers(20, 45))
+    label = np.where(yy < horizon, 2 * DIV, 3 * DIV).astype(np.int32)
+    counts = {0: 0, 1: 0}
+    placed: list[tuple[int, int, int]] = []
+    while len(placed) < int(rng.integers(2, 4)):
+        r = int(rng.integers(7, 11))
+        cy, cx = (int(v) for v in rng.integers(r + 1, SIZE - r - 1, size=2))
+        if any(abs(cy - py) < r + pr + 4 and abs(cx - px) < r + pr + 4 for py, px, pr in placed):
+            continue
+        placed.append((cy, cx, r))
+        cls = len(placed) % 2 if len(placed) < 3 else int(rng.integers(0, 2))
+        counts[cls] += 1
+        if cls == 0:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        else:
+            inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        label[inside] = cls * DIV + counts[cls]
+    image = np.zeros((SIZE, SIZE, 3), dtype=np.float64)
+    for cls, colour in COLOURS.items():
+        image[label // DIV == cls] = colour
+    image += rng.normal(0, 8, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def _segments(label: np.ndarray) -> list[dict]:
+    out = []
+    for value in np.unique(label):
+        cls = int(value) // DIV
+        out.append(
+            {
+                "id": int(value),
+                "category_id": CATEGORY_IDS[cls],
+                "class_id": cls,
+                "isthing": IS_THING[cls],
+                "iscrowd": 0,
+                "area": int((label == value).sum()),
+            }
+        )
+    return out
+
+
+def _target(label: np.ndarray) -> Target:
+    """Target at the output-stride grid (strided subsampling of the full-resolution label)."""
+    grid = torch.from_numpy(label[::STRIDE, ::STRIDE].copy())
+    values = torch.unique(grid)
+    masks = torch.stack([(grid == v).float() for v in values])
+    labels = (values // DIV).long()
+    area = (masks * masks.sum((1, 2), keepdim=True)).sum(0)
+    return Target(
+        masks=masks,
+        labels=labels,
+        valid=torch.ones_like(grid, dtype=torch.bool),
+        semantic=(grid // DIV).long(),
+        area=area,
+    )
+
+
+def _pq(gt_labels: list[np.ndarray], predictions: list[tuple[torch.Tensor, list[dict]]]) -> dict:
+    from pipeline.pq import pq_image_stats, reduce_pq_stats
+
+    categories = [{"id": c, "isthing": t} for c, t in zip(CATEGORY_IDS, IS_THING)]
+    stats = [
+        pq_image_stats(gt, _segments(gt), pred.numpy(), segs, categories, index=i, image_id=i)
+        for i, (gt, (pred, segs)) in enumerate(zip(gt_labels, predictions))
+    ]
+    return reduce_pq_stats(stats, categories, chunks=1)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: small ops on a busy 2-core machine run several times faster without OpenMP
+    contention, and the run time becomes CPU time (measured ~45 s of one core for 300 steps)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    samples = [_synthetic_image(rng) for _ in range(NUM_IMAGES)]
+    images = normalize_images(torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2))
+    gt_grid = [s[1][::STRIDE, ::STRIDE].copy() for s in samples]
+    targets = [_target(s[1]) for s in samples]
+    assert all(int(t["semantic"].min()) != IGNORE_INDEX for t in targets)
+
+    cfg = dataclasses.replace(kmax_model.preset("tiny"), num_classes=len(IS_THING))
+    model = kmax_model.build_model(cfg)
+    criterion = build_criterion(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(SEED)
+    model.train()
+    first: dict[str, float] = {}
+    for _ in range(STEPS):
+        losses = criterion(model(images), targets, generator)
+        total = criterion.total(losses)
+        assert torch.isfinite(total)
+        first = first or {k: v.item() for k, v in losses.items()}
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    # mask-ID and semantic CE collapse (the PQ-style terms start tiny: they are weighted by the matched
+    # class probability and dice; instance discrimination keeps its floor, the entropy of its soft targets)
+    assert losses["loss_mask_id"].item() < 0.05 * first["loss_mask_id"]
+    assert losses["loss_semantic"].item() < 0.05 * first["loss_semantic"]
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    assert "semantic_logits" not in outputs  # training-only head
+    predictions = [
+        panoptic_inference(
+            outputs["class_logits"][b],
+            outputs["mask_logits"][b],
+            IS_THING,
+            DIV,
+            cfg.postprocess,
+            category_ids=CATEGORY_IDS,
+        )
+        for b in range(NUM_IMAGES)
+    ]
+    result = _pq(gt_grid, predictions)
+    assert result["All"]["pq"] >= 0.95, result  # measured: 1.000 (PQ, SQ and RQ) after 300 steps
+    assert result["Things"]["n"] == 2 and result["Stuff"]["n"] == 2
+
+    # At full resolution (mask logits upsampled 17 -> 65 px, align_corners=True) every segment is still
+    # recognised; SQ is bounded by the 4-pixel output stride on these small shapes (measured PQ 0.864).
+    full_res = [
+        panoptic_inference(
+            outputs["class_logits"][b],
+            outputs["mask_logits"][b],
+            IS_THING,
+            DIV,
+            cfg.postprocess,
+            output_size=(SIZE, SIZE),
+            category_ids=CATEGORY_IDS,
+        )
+        for b in range(NUM_IMAGES)
+    ]
+    full_result = _pq([s[1] for s in samples], full_res)
+    assert full_result["All"]["rq"] == 1.0 and full_result["All"]["pq"] >= 0.8, full_result
