@@ -1,0 +1,235 @@
+"""`ExperimentConfig`: everything one training run needs, as nested typed dataclasses.
+
+Sections: ``model`` (kmax_model `KMaXConfig`), ``data`` (prepared dataset, splits, batch sizes,
+augmentation = pipeline.augment `AugmentConfig`), ``train`` (optimiser, schedule, precision, cadence),
+``scaling`` (Ray Train workers), ``fault`` (restarts), ``tracking`` (MLflow), ``ray`` (how to reach
+Ray), ``run_dir``. Loaded from a preset name or a YAML file, then dotted ``--set`` overrides
+(``train.lr=1e-3``) through kmax_model.config_utils; errors name the dotted field.
+
+The dataset decides ``model.num_classes`` and ``data.thing_class_ids``: `bind_manifest` copies them
+from the prepared manifest, so a config never disagrees with its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kmax_model.config import KMaXConfig, preset
+from kmax_model.config_utils import apply_overrides, config_from_dict, config_to_dict, load_yaml
+from pipeline.augment import AugmentConfig
+from pipeline.ray_utils import RayConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    Attributes:
+        prepared_dir: output of ``kmax prepare`` (holds one folder per split); None = generate the
+            synthetic dataset into ``<run_dir>/data`` on first use.
+        train_split / val_split: split names inside ``prepared_dir``.
+        batch_size: images per worker per micro-batch (global batch = batch_size x workers x grad_accum).
+        eval_batch_size: images per worker per evaluation batch.
+        eval_size: (H, W) images are padded/resized to for evaluation; None = the augment crop size.
+        augment: training-time augmentation (pipeline.augment).
+        thing_class_ids: contiguous ids of thing classes; set from the manifest by `bind_manifest`.
+        num_vis_images: validation images drawn in the prediction grid artifact.
+        synthetic_train / synthetic_val / synthetic_size: the synthetic dataset made when prepared_dir
+            is None.
+    """
+
+    prepared_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    eval_size: tuple[int, int] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    thing_class_ids: tuple[int, ...] = ()
+    num_vis_images: int = 4
+    synthetic_train: int = 96
+    synthetic_val: int = 24
+    synthetic_size: int = 96
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "synthetic_train", "synthetic_val", "synthetic_size"):
+            _require(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.num_vis_images >= 0, f"data.num_vis_images must be >= 0, got {self.num_vis_images}")
+        _require(
+            bool(self.train_split and self.val_split), "data.train_split and data.val_split must be non-empty"
+        )
+        if self.eval_size is not None:
+            _require(
+                all(s > 0 for s in self.eval_size), f"data.eval_size must be positive, got {self.eval_size}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and cadence. Intervals count optimiser steps; 0 disables periodic eval/checkpoints
+    (a final evaluation and checkpoint are always made)."""
+
+    steps: int = 2000
+    lr: float = 5e-4
+    backbone_lr_multiplier: float = 0.1
+    weight_decay: float = 0.05
+    adam_eps: float = 1e-7
+    warmup_steps: int = 100
+    warmup_start: float = 0.001
+    poly_power: float = 0.9
+    grad_accum: int = 1
+    precision: Precision = "fp32"
+    seed: int = 0
+    eval_interval: int = 500
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    num_to_keep: int = 2
+    vis_interval: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.backbone_lr_multiplier >= 0, "train.backbone_lr_multiplier must be >= 0")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
+        _require(
+            0 <= self.warmup_steps < self.steps,
+            f"train.warmup_steps must be in [0, train.steps), got {self.warmup_steps}",
+        )
+        _require(
+            0 <= self.warmup_start <= 1, f"train.warmup_start must be in [0, 1], got {self.warmup_start}"
+        )
+        _require(self.poly_power >= 0, f"train.poly_power must be >= 0, got {self.poly_power}")
+        _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        for name in ("eval_interval", "checkpoint_interval", "vis_interval"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.log_interval >= 1, f"train.log_interval must be >= 1, got {self.log_interval}")
+        _require(self.num_to_keep >= 1, f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train workers. ``cpus_per_worker`` may be fractional so that Ray Data tasks are not starved on
+    small machines (shared/docs/reference_ray_mlflow.md §4)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0, f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(self.gpus_per_worker > 0, f"scaling.gpus_per_worker must be > 0, got {self.gpus_per_worker}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+@dataclass
+class FaultConfig:
+    """``max_failures``: worker-group restarts (from the latest checkpoint) before the run fails."""
+
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_failures >= -1,
+            f"fault.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}",
+        )
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` None = embedded SQLite store + artifact folder inside the run directory."""
+
+    uri: str | None = None
+    experiment_name: str = "kmax-train"
+    run_name: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    model: KMaXConfig = field(default_factory=lambda: preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir), "run_dir must be non-empty")
+        if self.train.precision != "fp32" and not self.scaling.use_gpu:
+            raise ValueError(
+                f"train.precision={self.train.precision} needs scaling.use_gpu=true (CPU trains in fp32)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        return config_from_dict(cls, data)
+
+
+def _tiny_experiment() -> ExperimentConfig:
+    """The CPU recipe: tiny model on the synthetic 96 px dataset, short warmup, high lr for a small model."""
+    return ExperimentConfig(
+        model=preset("tiny"),
+        data=DataConfig(batch_size=8, eval_batch_size=8),
+        train=TrainConfig(
+            steps=600,
+            lr=2e-3,
+            backbone_lr_multiplier=1.0,
+            warmup_steps=30,
+            eval_interval=100,
+            checkpoint_interval=100,
+            log_interval=10,
+        ),
+    )
+
+
+def experiment_preset(name: str) -> ExperimentConfig:
+    """An experiment for a model preset. ``tiny`` has a CPU recipe; the others use the released COCO
+    recipe (reference_kmax.md §5: lr 5e-4, backbone x0.1, decay 0.05, warmup 5000, 150k steps)."""
+    if name == "tiny":
+        return _tiny_experiment()
+    model = preset(name)
+    return ExperimentConfig(
+        model=model,
+        train=TrainConfig(
+            steps=150_000, lr=5e-4, warmup_steps=5000, eval_interval=5000, checkpoint_interval=5000
+        ),
+    )
+
+
+def load_experiment(config: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """``config`` is a preset name or a YAML file (a partial nested mapping over the defaults)."""
+    if config.endswith((".yaml", ".yml")) or Path(config).is_file():
+        cfg = load_yaml(ExperimentConfig, config)
+    else:
+        cfg = experiment_preset(config)
+    return apply_overrides(cfg, overrides or [])
+
+
+def bind_manifest(cfg: ExperimentConfig, manifest: dict) -> ExperimentConfig:
+    """Take ``num_classes`` and thing classes from a prepared split's manifest."""
+    model = dataclasses.replace(cfg.model, num_classes=int(manifest["num_classes"]))
+    things = tuple(int(c) for c in manifest["thing_class_ids"])
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, thing_class_ids=things))

@@ -1,0 +1,183 @@
+"""Predicting panoptic maps of prepared records with a kMaX model, and scoring them with pipeline.pq.
+
+Used by the training loop's periodic validation (each worker predicts the records ``i % world == rank``
+and returns per-image integer PQ stats; rank 0 reduces them in image order) and by
+``kmax evaluate --checkpoint CKPT --data DIR --split NAME`` through `evaluate_checkpoint`.
+
+Evaluation input: the stored image (already at its prepared size), normalised and zero-padded at the
+bottom/right to ``data.eval_size`` (or, when None, to the smallest ``4k + 1`` size holding the batch,
+the "SAME"/align-corners convention of deeplab2); mask logits are upsampled to the padded size and
+cropped back to the image (kmax_model.postprocess.upsample_mask_logits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kmax_model.postprocess import panoptic_inference
+from kmax_model.targets import VOID_LABEL, normalize_images
+from pipeline.records import decode_record, iter_records, read_manifest
+
+EVAL_PAD_MULTIPLE = 4
+"""Dynamic eval sizes are ``EVAL_PAD_MULTIPLE * k + 1`` (output stride 4, align-corners resizing)."""
+
+
+def pad_size(sizes: Iterable[tuple[int, int]], fixed: Sequence[int] | None = None) -> tuple[int, int]:
+    """The padded (H, W) for a batch of image sizes: ``fixed`` when given (must hold every image), else the
+    smallest ``4k + 1`` at least as large as every image."""
+    sizes = list(sizes)
+    max_h, max_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    if fixed is not None:
+        if max_h > fixed[0] or max_w > fixed[1]:
+            raise ValueError(f"data.eval_size {tuple(fixed)} is smaller than an image of {max_h}x{max_w}")
+        return int(fixed[0]), int(fixed[1])
+    m = EVAL_PAD_MULTIPLE
+    return (math.ceil((max_h - 1) / m) * m + 1, math.ceil((max_w - 1) / m) * m + 1)
+
+
+def eval_batch(records: Sequence[dict], fixed: Sequence[int] | None = None) -> tuple[torch.Tensor, list]:
+    """Decoded records -> (normalised, zero-padded images [B, 3, H, W], list of (h, w) valid sizes)."""
+    sizes = [(int(r["height"]), int(r["width"])) for r in records]
+    H, W = pad_size(sizes, fixed)
+    images = torch.zeros(len(records), 3, H, W)
+    for i, r in enumerate(records):
+        img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(2, 0, 1)  # 3 x h x w
+        images[i, :, : img.shape[1], : img.shape[2]] = normalize_images(img[None])[0]
+    return images, sizes
+
+
+class Predictor:
+    """Wraps a model (eval mode) with the dataset's class metadata.
+
+    Args:
+        model: a kMaX model (possibly DDP-wrapped); must be in eval mode when called.
+        manifest: the prepared split's manifest (categories, label_divisor).
+        postprocess: kmax_model PostProcessConfig.
+        eval_size: fixed (H, W) padding or None (dynamic).
+    """
+
+    def __init__(self, model: torch.nn.Module, manifest: dict, postprocess: Any, eval_size=None, device=None):
+        self.model = model
+        cats = sorted(manifest["categories"], key=lambda c: c["class_id"])
+        self.categories = cats
+        self.is_thing = [bool(c["isthing"]) for c in cats]
+        self.category_ids = [int(c["category_id"]) for c in cats]
+        self.label_divisor = int(manifest["label_divisor"])
+        self.postprocess = postprocess
+        self.eval_size = eval_size
+        self.device = device or torch.device("cpu")
+
+    @torch.no_grad()
+    def __call__(self, records: Sequence[dict], return_assignments: bool = False) -> list[dict]:
+        """Decoded records -> per record {"label_map" int32 np [h, w], "segments", optionally "assignments"
+        (list over decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}."""
+        images, sizes = eval_batch(records, self.eval_size)
+        images = images.to(self.device)
+        module = self.model.module if hasattr(self.model, "module") else self.model
+        outputs = module(images, return_assignments=True) if return_assignments else module(images)
+        H, W = images.shape[-2:]
+        results = []
+        for b, (h, w) in enumerate(sizes):
+            label, segments = panoptic_inference(
+                outputs["class_logits"][b],
+                outputs["mask_logits"][b],
+                self.is_thing,
+                self.label_divisor,
+                self.postprocess,
+                output_size=(H, W),
+                valid_size=(h, w),
+                category_ids=self.category_ids,
+            )
+            out = {"label_map": label.cpu().numpy().astype(np.int32), "segments": segments}
+            if return_assignments:
+                out["assignments"] = [_crop_assignment(a[b], (h, w), (H, W)) for a in outputs["assignments"]]
+            results.append(out)
+        return results
+
+
+def _crop_assignment(a: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
+    """Crop a [h', w'] assignment map to the part covering the unpadded image."""
+    gh, gw = a.shape
+    ch = max(1, math.ceil(gh * valid[0] / padded[0]))
+    cw = max(1, math.ceil(gw * valid[1] / padded[1]))
+    return a[:ch, :cw].cpu().numpy()
+
+
+def stats_of(
+    predictor: Predictor, records: Sequence[dict], preds: Sequence[dict], indices: Sequence[int]
+) -> list:
+    """PQ stats (pipeline.pq.ImagePQStats) of predicted records; ``indices`` = positions in the split."""
+    from pipeline.pq import pq_image_stats
+
+    return [
+        pq_image_stats(
+            r["label"],
+            r["segments"],
+            p["label_map"],
+            p["segments"],
+            predictor.categories,
+            index=int(i),
+            image_id=str(r["record_id"]),
+            void_label=VOID_LABEL,
+        )
+        for r, p, i in zip(records, preds, indices)
+    ]
+
+
+def image_stats(predictor: Predictor, records: Sequence[dict], indices: Sequence[int]) -> list:
+    """Predict decoded records and return their PQ stats."""
+    return stats_of(predictor, records, predictor(records), indices)
+
+
+def iter_decoded(
+    data_dir: str | Path, split: str, rank: int = 0, world: int = 1
+) -> Iterator[tuple[int, dict]]:
+    """(index, decoded record) of this rank's share of a split: records with ``index % world == rank``."""
+    for i, row in enumerate(iter_records(data_dir, split)):
+        if i % world == rank:
+            yield i, decode_record(row)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
+) -> dict:
+    """Load a training checkpoint, predict every record of a prepared split, return the PQ result
+    (pipeline.pq.reduce_pq_stats layout) with "mIoU" when pipeline.metrics is available."""
+    from kmax_model.model import build_model
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import ExperimentConfig
+    from pipeline.pq import reduce_pq_stats
+
+    state = load_checkpoint(checkpoint)
+    cfg = ExperimentConfig.from_dict(state["config"])
+    manifest = read_manifest(data_dir, split)
+    if int(manifest["num_classes"]) != cfg.model.num_classes:
+        raise ValueError(
+            f"{checkpoint} was trained with {cfg.model.num_classes} classes, {data_dir}/{split} has "
+            f"{manifest['num_classes']}"
+        )
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    model.eval().to(device)
+    predictor = Predictor(model, manifest, cfg.model.postprocess, cfg.data.eval_size, torch.device(device))
+    stats = []
+    for chunk in batched(iter_decoded(data_dir, split), batch_size):
+        stats.extend(image_stats(predictor, [r for _, r in chunk], [i for i, _ in chunk]))
+    return reduce_pq_stats(stats, predictor.categories)

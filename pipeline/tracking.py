@@ -1,0 +1,209 @@
+"""MLflow tracking of training runs through an explicit `MlflowClient` (never the fluent global state).
+
+Embedded default: a SQLite store ``<run_dir>/mlflow.db`` and the artifact folder ``<run_dir>/mlartifacts``.
+Any tracking URI can be given instead (an MLflow server ``http://host:port``, another database); a
+server is probed before any compute is spent, and an unreachable one is a clear error.
+
+Why a client and explicit ids: ``mlflow.set_tracking_uri`` / ``set_experiment`` export
+``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_ID`` into ``os.environ``, which Ray workers inherit
+(shared/docs/reference_ray_mlflow.md §3). The driver creates or resumes the run, and passes
+``(tracking_uri, run_id)`` to rank 0 of the Ray Train workers, which opens a `RunLogger` on it.
+
+Resumed runs stay contiguous: `RunLogger` reads, per metric key, the last step already in the store and
+drops re-logged values at or below it. A run resumed from a checkpoint at step ``c`` recomputes steps
+``c+1..``; those already logged before the failure are skipped, the rest are logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = "mlflow_run.json"
+"""Written into the run directory: {"tracking_uri", "experiment_id", "run_id"}; a rerun resumes that run."""
+
+MAX_PARAM_VALUE = 6000
+"""MLflow's limit on a param value's length."""
+
+PARAM_BATCH = 100
+METRIC_BATCH = 1000
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, unwritable directory)."""
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where runs go: tracking URI and artifact location of new experiments (None: server default)."""
+
+    tracking_uri: str
+    artifact_location: str | None
+
+
+def resolve_target(tracking_uri: str | None, run_dir: str | Path) -> TrackingTarget:
+    """The embedded SQLite store in ``run_dir`` when ``tracking_uri`` is empty, else the given URI."""
+    run_dir = Path(run_dir).resolve()
+    if not tracking_uri:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return TrackingTarget(f"sqlite:///{run_dir / 'mlflow.db'}", (run_dir / "mlartifacts").as_uri())
+    return TrackingTarget(tracking_uri, None)
+
+
+def check_tracking_uri(tracking_uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
+    """Fail fast: probe an http(s) server's ``/health``; check a SQLite file's directory is writable."""
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingError(
+                        f"MLflow server {tracking_uri} answered HTTP {resp.status} on /health"
+                    )
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {tracking_uri} is unreachable ({exc}); start it or pass another "
+                "--tracking-uri (leave it out for the embedded SQLite store in the run directory)"
+            ) from exc
+    elif tracking_uri.startswith("sqlite:///"):
+        parent = Path(tracking_uri[len("sqlite:///") :]).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the MLflow store directory {parent}: {exc}") from exc
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def get_or_create_experiment(target: TrackingTarget, name: str) -> str:
+    client = _client(target.tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {"artifact_location": f"{target.artifact_location}/{name}"} if target.artifact_location else {}
+    return client.create_experiment(name, **kwargs)
+
+
+def start_or_resume_run(
+    target: TrackingTarget,
+    experiment_name: str,
+    run_dir: str | Path,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, bool]:
+    """The MLflow run of ``run_dir``: the one recorded in ``run_dir/mlflow_run.json`` when it exists in
+    this store (resumed; marked RUNNING again), else a new run recorded there. Returns (run_id, resumed)."""
+    run_dir = Path(run_dir)
+    client = _client(target.tracking_uri)
+    record = run_dir / RUN_ID_FILE
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == target.tracking_uri:
+            try:
+                client.get_run(saved["run_id"])
+            except Exception as exc:
+                raise TrackingError(
+                    f"{record} names MLflow run {saved['run_id']}, which is not in {target.tracking_uri}"
+                ) from exc
+            client.update_run(saved["run_id"], status="RUNNING")
+            return saved["run_id"], True
+    exp_id = get_or_create_experiment(target, experiment_name)
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps(
+            {"tracking_uri": target.tracking_uri, "experiment_id": exp_id, "run_id": run.info.run_id},
+            indent=1,
+        )
+    )
+    return run.info.run_id, False
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"model.decoder.num_clusters": "8", ...} (values as strings, truncated)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, key + "."))
+        else:
+            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = text[:MAX_PARAM_VALUE]
+    return out
+
+
+class RunLogger:
+    """Logs to one existing MLflow run; metric steps at or below what the store already holds are skipped
+    so that a resumed run has no duplicated step (see module docstring)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = _client(tracking_uri)
+        self._last_step = self._stored_last_steps()
+
+    def _stored_last_steps(self) -> dict[str, int]:
+        keys = self.client.get_run(self.run_id).data.metrics.keys()
+        return {k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
+
+    def has_params(self) -> bool:
+        return bool(self.client.get_run(self.run_id).data.params)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> int:
+        """Log finite metrics at ``step``; returns how many were written (0 when all were already stored)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for k, v in metrics.items():
+            v = float(v)
+            if not math.isfinite(v) or step <= self._last_step.get(k, -1):
+                continue
+            items.append(Metric(k, v, now, int(step)))
+            self._last_step[k] = int(step)
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + METRIC_BATCH])
+        return len(items)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def run_url(target: TrackingTarget, run_id: str) -> str:
+    """A human pointer to the run: the UI address for a server, else the store URI and run id."""
+    if target.tracking_uri.startswith(("http://", "https://")):
+        exp_id = _client(target.tracking_uri).get_run(run_id).info.experiment_id
+        return f"{target.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{target.tracking_uri} run {run_id}"

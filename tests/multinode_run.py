@@ -1,0 +1,51 @@
+"""Subprocess of tests/test_train_distributed.py::test_multinode_matches_single_node.
+
+Starts its own 2-node `ray.cluster_utils.Cluster` (head + 1 worker node, NODE_CPUS logical CPUs each),
+trains the tiny test config with 2 workers placed STRICT_SPREAD (one per node), writes
+{"nodes", "loss": [[step, value], ...]}.
+Usage: python tests/multinode_run.py DATA_DIR RUN_DIR OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+NODE_CPUS = 2
+"""Logical CPUs per node: 0.5 for the train worker, and room for Ray Data read tasks (1 CPU each), which
+never schedule on a 1-CPU node holding a worker (the run then hangs)."""
+
+
+def main(data_dir: str, run_dir: str, out: str) -> int:
+    from ray.cluster_utils import Cluster
+
+    from pipeline.ray_utils import RayConfig, init_ray, quiet_environment
+    from pipeline.train import fit
+    from tests.train_helpers import metric_steps, tiny_config
+
+    quiet_environment()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS})
+    try:
+        cluster.add_node(num_cpus=NODE_CPUS)
+        cluster.wait_for_nodes()
+        ray = init_ray(RayConfig(address=cluster.address))
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        cfg = tiny_config(
+            data_dir,
+            run_dir,
+            "scaling.placement_strategy=STRICT_SPREAD",
+            f"ray.address={cluster.address}",
+            workers=2,
+        )
+        summary = fit(cfg)
+        loss = metric_steps(summary.tracking_uri, summary.mlflow_run_id, "train/loss")
+        with open(out, "w") as f:
+            json.dump({"nodes": nodes, "loss": loss}, f)
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))

@@ -1,0 +1,104 @@
+"""End-to-end training with one Ray Train worker: checkpoints, MLflow content, exact resume, refusal."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import checkpoint as ckpt
+from pipeline.records import read_manifest
+from pipeline.train import fit, latest_checkpoint
+from tests.train_helpers import TINY_STEPS, make_data, metric_steps, model_weights, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_session, tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """The reference: TINY_STEPS steps without interruption."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return fit(tiny_config(data_dir, run_dir))
+
+
+def test_training_writes_checkpoints_and_mlflow(straight, data_dir):
+    assert straight.steps == TINY_STEPS
+    state = ckpt.load_checkpoint(straight.checkpoint)
+    assert state["step"] == TINY_STEPS and state["mlflow_run_id"] == straight.mlflow_run_id
+    manifest = read_manifest(data_dir, "train")
+    assert manifest["num_classes"] != 8  # differs from the tiny preset's default ...
+    assert state["config"]["model"]["num_classes"] == manifest["num_classes"]  # ... and comes from the data
+    assert state["config"]["data"]["thing_class_ids"] == manifest["thing_class_ids"]
+    assert set(state["rng"]) == {"torch", "numpy", "python"}
+    # num_to_keep=1: only the latest Ray checkpoint remains; the best-PQ copy is kept beside it
+    kept = sorted(p.parent.name for p in (latest_checkpoint(straight.run_dir).parents[1]).glob("*/state.pt"))
+    assert kept == [f"checkpoint_{TINY_STEPS:07d}"]
+    assert straight.best_checkpoint is not None
+
+    client = MlflowClient(straight.tracking_uri)
+    run = client.get_run(straight.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(TINY_STEPS)
+    assert run.data.params["model.decoder.num_clusters"] == "32"
+    uri, run_id = straight.tracking_uri, straight.mlflow_run_id
+    for key in (
+        "train/loss",
+        "train/loss_pq_dice",
+        "train/lr",
+        "train/images_per_s",
+        "train/data_wait_fraction",
+    ):
+        assert [s for s, _ in metric_steps(uri, run_id, key)] == [1, 2, 3, 4]
+    losses = metric_steps(straight.tracking_uri, straight.mlflow_run_id, "train/loss")
+    assert all(math.isfinite(v) and v > 0 for _, v in losses)
+    pq = metric_steps(straight.tracking_uri, straight.mlflow_run_id, "eval/pq_all")
+    assert [s for s, _ in pq] == [2, 4] and all(0 <= v <= 100 for _, v in pq)
+    assert [s for s, _ in metric_steps(straight.tracking_uri, straight.mlflow_run_id, "eval/miou")] == [2, 4]
+    paths = {a.path for a in client.list_artifacts(straight.mlflow_run_id)}
+    paths |= {a.path for a in client.list_artifacts(straight.mlflow_run_id, "figures")}
+    assert {"config.json", "checkpoints.json", "figures/clusters_step0000004.png"} <= paths
+    assert "figures/predictions_step0000002.png" in paths
+    local = client.download_artifacts(straight.mlflow_run_id, "config.json")
+    with open(local) as f:
+        assert json.load(f)["train"]["steps"] == TINY_STEPS
+    with open(client.download_artifacts(run_id, "figures/clusters_step0000004.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
+def test_resume_after_stop_gives_the_same_weights(straight, data_dir, tmp_path):
+    """N/2 steps, the job dies (max_failures=0), `fit` again on the same run dir resumes to N."""
+    run_dir = tmp_path / "resumed"
+    marker = tmp_path / "killed"
+    cfg = tiny_config(data_dir, run_dir)
+    with pytest.raises(Exception, match="[Ww]orker|[Tt]raining failed") as err:
+        fit(cfg, fault_injection={"step": 3, "rank": 0, "marker": str(marker), "delay_s": 4.0})
+    assert marker.exists(), str(err.value)[:3000]
+    assert ckpt.load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
+    resumed = fit(cfg)
+    assert resumed.steps == TINY_STEPS and resumed.mlflow_run_id  # same run id recorded in the run dir
+    progress = [json.loads(x)["step"] for x in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert progress[:3] == [1, 2, 3] and progress[3:] == [3, 4, 4]  # steps 3.. redone, then the "done" line
+    a, b = model_weights(straight.checkpoint), model_weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:  # same seeds, same data order, same RNG per step: equal up to float reduction order
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # one MLflow run with contiguous, non-duplicated steps
+    steps = [s for s, _ in metric_steps(resumed.tracking_uri, resumed.mlflow_run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4]
+    client = MlflowClient(resumed.tracking_uri)
+    assert len(client.search_runs([client.get_run(resumed.mlflow_run_id).info.experiment_id])) == 1
+
+
+def test_incompatible_config_is_refused(straight, data_dir):
+    cfg = tiny_config(data_dir, straight.run_dir, "model.decoder.num_clusters=16", "train.lr=0.5")
+    expected = "model.decoder.num_clusters: checkpoint=32 now=16"
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=expected):
+        fit(cfg)
