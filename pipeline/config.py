@@ -189,17 +189,22 @@ class ExperimentConfig:
 
 
 def _tiny_experiment() -> ExperimentConfig:
-    """The CPU recipe: tiny model on the synthetic 96 px dataset, short warmup, high lr for a small model."""
+    """The CPU recipe: tiny model on the synthetic 96 px dataset (97 px crops), a high lr for a small model,
+    one worker using both cores of a laptop-class CPU.
+
+    Measured on the 2-core CI machine (lr 1e-2, crop 97): val PQ 74.0 after 200 steps of `kmax train`
+    (lr 2e-3 with 65 px crops stayed at PQ 0 after 400 steps: the masks never got confident)."""
     return ExperimentConfig(
         model=preset("tiny"),
         data=DataConfig(batch_size=8, eval_batch_size=8),
+        scaling=ScalingSection(num_workers=1, cpus_per_worker=2.0),
         train=TrainConfig(
-            steps=600,
-            lr=2e-3,
+            steps=1000,
+            lr=1e-2,
             backbone_lr_multiplier=1.0,
             warmup_steps=30,
-            eval_interval=100,
-            checkpoint_interval=100,
+            eval_interval=200,
+            checkpoint_interval=200,
             log_interval=10,
         ),
     )

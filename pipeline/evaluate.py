@@ -9,7 +9,7 @@ Two sources:
 - files (COCO panoptic JSON + PNG folders): `evaluate_files`, tasks over slices of the image list;
 - a prepared split (pipeline.records shards) and a ``predict`` callable (decoded records -> predictions):
   `evaluate_prepared`, one task per Parquet row group. ``kmax evaluate --checkpoint`` builds ``predict`` from
-  a checkpoint through ``pipeline.inference.predictor_from_checkpoint`` (training side).
+  a checkpoint through ``pipeline.inference.predictor_from_checkpoint``.
 
 Predictions are dicts as described in `pipeline.eval_stats` (``label_map``, ``segments``, optional
 ``semantic`` and ``instances``).
@@ -236,15 +236,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.data:
                 print("kmax evaluate: --checkpoint needs --data PREPARED_DIR (and --split)", file=sys.stderr)
                 return 2
-            try:
-                from pipeline.inference import predictor_from_checkpoint
-            except ImportError:
-                print(
-                    "kmax evaluate --checkpoint: needs pipeline.inference.predictor_from_checkpoint "
-                    "(model inference, wired by the training side); not available yet",
-                    file=sys.stderr,
-                )
-                return 2
+            from pipeline.inference import predictor_from_checkpoint
+
             predict = predictor_from_checkpoint(args.checkpoint, args.data, args.split)
             result = evaluate_prepared(args.data, args.split, predict, **kw)
         else:

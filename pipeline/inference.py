@@ -155,15 +155,30 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def evaluate_checkpoint(
+class BatchedPredictor:
+    """A `Predictor` applied ``batch_size`` records at a time (Ray evaluation tasks hand over whole row
+    groups). Picklable, so `pipeline.evaluate.evaluate_prepared` can ship it to its tasks."""
+
+    def __init__(self, predictor: Predictor, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.predictor, self.batch_size = predictor, batch_size
+
+    def __call__(self, records: Sequence[dict]) -> list[dict]:
+        out: list[dict] = []
+        for chunk in batched(records, self.batch_size):
+            out.extend(self.predictor(chunk))
+        return out
+
+
+def predictor_from_checkpoint(
     checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
-) -> dict:
-    """Load a training checkpoint, predict every record of a prepared split, return the PQ result
-    (pipeline.pq.reduce_pq_stats layout) with "mIoU" when pipeline.metrics is available."""
+) -> BatchedPredictor:
+    """A training checkpoint (``state.pt`` or its directory) as a predictor of the records of a prepared
+    split; refuses a split whose class count differs from the one the model was trained on."""
     from kmax_model.model import build_model
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import ExperimentConfig
-    from pipeline.pq import reduce_pq_stats
 
     state = load_checkpoint(checkpoint)
     cfg = ExperimentConfig.from_dict(state["config"])
@@ -177,6 +192,18 @@ def evaluate_checkpoint(
     model.load_state_dict(state["model"])
     model.eval().to(device)
     predictor = Predictor(model, manifest, cfg.model.postprocess, cfg.data.eval_size, torch.device(device))
+    return BatchedPredictor(predictor, batch_size)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
+) -> dict:
+    """Load a training checkpoint, predict every record of a prepared split in this process, return the
+    PQ result (pipeline.pq.reduce_pq_stats layout). `kmax evaluate --checkpoint` does the same on Ray."""
+    from pipeline.pq import reduce_pq_stats
+
+    batched_predictor = predictor_from_checkpoint(checkpoint, data_dir, split, batch_size, device)
+    predictor = batched_predictor.predictor
     stats = []
     for chunk in batched(iter_decoded(data_dir, split), batch_size):
         stats.extend(image_stats(predictor, [r for _, r in chunk], [i for i, _ in chunk]))

@@ -102,3 +102,22 @@ def test_incompatible_config_is_refused(straight, data_dir):
     expected = "model.decoder.num_clusters: checkpoint=32 now=16"
     with pytest.raises(ckpt.IncompatibleCheckpointError, match=expected):
         fit(cfg)
+
+
+def test_kmax_evaluate_checkpoint_matches_in_process(straight, data_dir, tmp_path):
+    """`kmax evaluate --checkpoint` (Ray tasks over the shards) gives the in-process PQ of the checkpoint."""
+    from pipeline.cli import main
+    from pipeline.inference import evaluate_checkpoint
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(straight.checkpoint), "--data", str(data_dir)]
+    assert main([*args, "--split", "val", "--out", str(out)]) == 0
+    via_cli = json.loads(out.read_text())["pq"]
+    in_process = evaluate_checkpoint(straight.checkpoint, data_dir, "val", batch_size=3)
+    for group in ("All", "Things", "Stuff"):
+        assert via_cli[group]["n"] == in_process[group]["n"]
+        for key in ("pq", "sq", "rq"):
+            a, b = via_cli[group][key], in_process[group][key]
+            assert (a is None and b is None) or a == pytest.approx(b, abs=1e-12), (group, key)
+    wrong = main(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(data_dir)])
+    assert wrong != 0
