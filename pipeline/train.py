@@ -147,8 +147,16 @@ class _ProgressPrinter(threading.Thread):
             )
 
 
-def fit(cfg: ExperimentConfig, fault_injection: dict | None = None, echo=print) -> TrainSummary:
-    """Train (or resume) the run described by ``cfg``; see the module docstring."""
+def fit(
+    cfg: ExperimentConfig,
+    fault_injection: dict | None = None,
+    echo=print,
+    tags: dict[str, str] | None = None,
+) -> TrainSummary:
+    """Train (or resume) the run described by ``cfg``; see the module docstring.
+
+    ``tags`` are added to the MLflow run when it is created (a sweep passes ``mlflow.parentRunId``, study,
+    trial and variant)."""
     from pipeline import checkpoint as ckpt
     from pipeline import tracking
     from pipeline.ray_utils import init_ray
@@ -175,7 +183,11 @@ def fit(cfg: ExperimentConfig, fault_injection: dict | None = None, echo=print) 
     save_yaml(cfg, run_dir / "config.yaml")
     run_name = cfg.tracking.run_name or run_dir.name
     run_id, resumed = tracking.start_or_resume_run(
-        target, cfg.tracking.experiment_name, run_dir, run_name, tags={"run_dir": str(run_dir)}
+        target,
+        cfg.tracking.experiment_name,
+        run_dir,
+        run_name,
+        tags={**(tags or {}), "run_dir": str(run_dir)},
     )
     from pipeline.records import load_dataset, read_manifest
 
