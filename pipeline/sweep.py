@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -232,7 +233,11 @@ def run_sweep(
     if summary.skipped:
         echo(f"resume: {len(summary.skipped)} finished trial(s) kept: {', '.join(summary.skipped)}")
     if pending:
-        init_ray(RayConfig(address=ray_address) if ray_address else None)
+        # A local Ray gets at least the logical CPUs one trial needs (oversubscribing a small machine
+        # rather than refusing to run); a cluster is taken as it is.
+        need = DRIVER_CPUS + base.scaling.num_workers * base.scaling.cpus_per_worker + DATA_CPU_RESERVE
+        local = RayConfig(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+        init_ray(RayConfig(address=ray_address) if ray_address else local)
         if base.data.prepared_dir is None:  # one synthetic dataset shared by every trial
             prepared = _shared_synthetic(base, sweep_dir / "data", echo)
             for item in pending:

@@ -1,0 +1,68 @@
+"""`kmax demo`: the product end to end on embedded defaults, in about 15 minutes on a 2-core CPU.
+
+synthetic COCO-panoptic data -> Ray Data prepare -> the `assignment` study (spatial softmax vs cluster
+softmax vs argmax) as a Ray Tune sweep of `tiny` Ray Train runs, tracked in MLflow (SQLite in the run
+directory) -> the comparison report. Rerunning on the same run directory resumes: finished trials are
+kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+STUDY = "assignment"
+DEMO_STEPS = 150
+"""Training steps per trial: the tiny recipe reaches val PQ ~65-75 by 150-200 steps on the synthetic set."""
+
+DEMO_OVERRIDES = [
+    f"train.steps={DEMO_STEPS}",
+    f"train.eval_interval={DEMO_STEPS}",
+    f"train.checkpoint_interval={DEMO_STEPS}",
+    "train.warmup_steps=15",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", default="runs/demo", help="where data, runs and MLflow go")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="extra dotted override for every trial (repeatable)",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.report import compare
+    from pipeline.study import resolve_study
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import RUN_ID_FILE
+
+    def echo(msg: str) -> None:
+        print(msg, flush=True)
+
+    t0 = time.time()
+    run_dir = Path(args.run_dir)
+    resume = (run_dir / RUN_ID_FILE).is_file()
+    echo(f"kmax demo: study '{STUDY}' with the tiny preset, {DEMO_STEPS} steps per trial, in {run_dir}"
+         + (" (resuming)" if resume else ""))  # fmt: skip
+    summary = run_sweep(
+        resolve_study(STUDY), run_dir, "tiny", DEMO_OVERRIDES + list(args.overrides), resume=resume, echo=echo
+    )
+    if summary.failed:
+        echo(f"kmax demo: trials failed: {', '.join(summary.failed)}; rerun `kmax demo` to resume them")
+        return 1
+    report = compare(STUDY, run_dir, echo=echo)
+    echo(
+        f"\ndemo finished in {(time.time() - t0) / 60:.1f} min\n"
+        f"  report:    {report}\n"
+        f"  dashboard: kmax dashboard --run-dir {run_dir}   (http://127.0.0.1:5000)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
