@@ -23,6 +23,10 @@ QUIET_ENV = {
 }
 """Set (unless the user already set them) before Ray starts; inherited by all workers."""
 
+DATA_CPU_RESERVE = 1.0
+"""Logical CPUs a training run keeps free for its Ray Data read tasks: with every CPU taken by Train
+workers, Ray Data never schedules and the run hangs (shared/docs/reference_ray_mlflow.md §4)."""
+
 MLFLOW_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
 """Variables MLflow exports into os.environ; they must not leak into Ray workers."""
 

@@ -39,12 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.ray_utils import DATA_CPU_RESERVE
 from pipeline.study import SEED_PATH, Study, resolve_study, variant_name
 
 DRIVER_CPUS = 0.25
 """Logical CPUs reserved for each trial's driver function (it only waits on the TorchTrainer)."""
-DATA_CPU_RESERVE = 1.0
-"""Logical CPUs per trial kept free for Ray Data read tasks (reference_ray_mlflow.md §4 hang)."""
 DONE_FILE = "trial_done.json"
 PARAMETERS_METRIC = "model/parameters"
 

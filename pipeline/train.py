@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, bind_manifest, load_experiment
+from pipeline.ray_utils import DATA_CPU_RESERVE
 
 RAY_RUN_NAME = "train"
 """Ray Train run name inside ``<run_dir>/ray_results``; fixed so that a rerun resumes (no timestamps)."""
 
-DATA_CPU_RESERVE = 1.0
-"""Logical CPUs kept free for Ray Data read tasks when starting a local Ray (reference_ray_mlflow.md §4)."""
 
 PROGRESS_FILE = "progress.jsonl"
 PROGRESS_POLL_S = 0.5
