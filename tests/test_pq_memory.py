@@ -136,17 +136,26 @@ def test_last_crowd_region_of_a_class_wins() -> None:
     assert pq_image_stats(gt, [b, a], pred, psegs, cats).fp == {}
 
 
+@pytest.mark.parametrize("blocky", [False, True], ids=["per-pixel", "runs"])
 @pytest.mark.parametrize("id_scale", [1, 10000, 1 << 20])
-def test_pair_table_equals_brute_force_on_every_strategy(id_scale: int) -> None:
+def test_pair_table_equals_brute_force_on_every_strategy(id_scale: int, blocky: bool) -> None:
     """Small value ranges use one lookup + raw predicted values, wider ones two lookups, very wide ones a
-    binary search; all must count the same pairs (unlisted ids fall in the 'other' row / column)."""
-    from pipeline.pq_table import pair_table
+    binary search; noisy maps are counted per pixel and blocky ones per run of equal pairs; all must count
+    the same pairs (unlisted ids fall in the 'other' row / column)."""
+    from pipeline.pq_table import MAX_RUN_FRACTION, pair_table, run_starts
 
     rng = np.random.default_rng(id_scale)
-    gt = rng.integers(0, 6, (40, 50)) * id_scale
-    pred = rng.integers(0, 7, (40, 50)) * id_scale + 3
+    shape = (10, 5) if blocky else (40, 50)
+    gt = rng.integers(0, 6, shape) * id_scale
+    pred = rng.integers(0, 7, shape) * id_scale + 3
     gt[rng.random(gt.shape) < 0.1] = VOID_LABEL
     pred[rng.random(pred.shape) < 0.1] = VOID_LABEL
+    if blocky:  # 4x10 blocks: runs of 10 along each row, which also continue across row ends
+        gt, pred = (np.repeat(np.repeat(m, 4, axis=0), 10, axis=1) for m in (gt, pred))
+    runs = run_starts(gt.ravel(), pred.ravel())
+    assert (runs is not None) == blocky
+    if blocky:
+        assert 0 < len(runs) <= MAX_RUN_FRACTION * gt.size and runs[0] == 0
     g_ids = np.array([0, 2, 3, 5]) * id_scale  # 1 and 4 unlisted
     p_ids = np.array([0, 1, 4, 6]) * id_scale + 3  # 2, 3 and 5 unlisted
     table = pair_table(gt, g_ids, pred, p_ids, VOID_LABEL)
