@@ -23,6 +23,16 @@ QUIET_ENV = {
 }
 """Set (unless the user already set them) before Ray starts; inherited by all workers."""
 
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+}
+"""glibc malloc settings for the worker processes of a local instance (read when a process starts). A fresh
+process maps and page-faults every multi-MB numpy temporary anew until glibc's adaptive threshold rises;
+with a fixed 64 MiB threshold those come from the reused heap (freed memory above 256 MiB goes back to the
+OS). Measured: the per-record conversion of `kmax prepare` (512x1024) took 23 ms in a fresh process and
+19 ms with these settings."""
+
 DATA_CPU_RESERVE = 1.0
 """Logical CPUs a training run keeps free for its Ray Data read tasks: with every CPU taken by Train
 workers, Ray Data never schedules and the run hangs (shared/docs/reference_ray_mlflow.md §4)."""
@@ -56,8 +66,9 @@ class RayConfig:
 
 
 def quiet_environment() -> None:
-    """Export `QUIET_ENV` (without overriding the user's values) and drop leaked MLflow variables."""
-    for key, value in QUIET_ENV.items():
+    """Export `QUIET_ENV` and `ALLOCATOR_ENV` (without overriding the user's values) and drop leaked MLflow
+    variables."""
+    for key, value in (QUIET_ENV | ALLOCATOR_ENV).items():
         os.environ.setdefault(key, value)
     for key in MLFLOW_ENV_VARS:
         os.environ.pop(key, None)
