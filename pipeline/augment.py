@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.records import VOID_LABEL, decode_image, decode_label, decode_segments
+from pipeline.records import PASS_COLUMN, VOID_LABEL, decode_image, decode_label, decode_segments
 
 if TYPE_CHECKING:
     from kmax_model.targets import Target
@@ -161,24 +161,38 @@ def _segments_list(value) -> list[dict]:
     return value if isinstance(value, list) else decode_segments(str(value))
 
 
-def collate_augmented(batch: dict) -> dict:
-    """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}."""
+def normalised_batch(images: list[np.ndarray], valid: list[np.ndarray]):
+    """uint8 images [H,W,3] and their real-pixel masks [H,W] -> float32 tensor [B,3,H,W], normalised as
+    kmax_model.targets.normalize_images (``x / PIXEL_SCALE - 1``, the same float32 operations) with the
+    padding exactly 0.
+
+    Computed in numpy on purpose: the collates run in Ray Data's prefetch threads of the train worker, and
+    torch ops there start a second OpenMP team that competes with the training step's for the same cores
+    (measured on 2 cores: the step took 1.33 s instead of 0.84 s)."""
     import torch
 
-    from kmax_model.targets import normalize_images
+    from kmax_model.targets import PIXEL_SCALE
 
-    images = torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["image"])))).permute(0, 3, 1, 2)
-    real = torch.from_numpy(np.stack(list(batch["pixel_valid"])).astype(bool))[:, None]
-    x = normalize_images(images) * real  # padding is exactly 0 after normalisation
+    x = np.stack(images).astype(np.float32) / np.float32(PIXEL_SCALE) - np.float32(1.0)
+    x *= np.stack(valid).astype(bool)[..., None]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def collate_augmented(batch: dict) -> dict:
+    """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}."""
     targets = [
         build_target(np.asarray(g), _segments_list(s)) for g, s in zip(batch["label_grid"], batch["segments"])
     ]
-    return {"images": x.contiguous(), "targets": targets}
+    return {"images": normalised_batch(list(batch["image"]), list(batch["pixel_valid"])), "targets": targets}
 
 
-def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int) -> dict:
-    """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch)."""
+def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int, passes: int = 1) -> dict:
+    """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch).
+
+    Rows of a repeated split (pipeline.records.training_dataset: ``passes`` copies per epoch, told apart by
+    the ``pass`` column) are augmented as epoch ``epoch * passes + pass``, so every copy differs."""
     out = {"record_id": [], "image": [], "pixel_valid": [], "label_grid": [], "segments": []}
+    copy = batch.get(PASS_COLUMN)
     for i in range(len(batch["record_id"])):
         h, w = int(batch["height"][i]), int(batch["width"][i])
         aug = augment_record(
@@ -186,7 +200,7 @@ def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int) -> dict:
             decode_label(batch["label"][i], h, w),
             str(batch["record_id"][i]),
             cfg,
-            epoch,
+            epoch if copy is None else epoch * passes + int(copy[i]),
         )
         out["record_id"].append(str(batch["record_id"][i]))
         out["segments"].append(str(batch["segments"][i]))
@@ -198,14 +212,14 @@ def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int) -> dict:
 
 
 class AugmentCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches(collate_fn=AugmentCollate(cfg, epoch))`` over stored records (decode + augment
-    + targets in the train worker). Make a new instance per epoch."""
+    """``iter_torch_batches(collate_fn=AugmentCollate(cfg, epoch, passes))`` over stored records (decode +
+    augment + targets in the train worker). Make a new instance per epoch."""
 
-    def __init__(self, cfg: AugmentConfig, epoch: int = 0):
-        self.cfg, self.epoch = cfg, epoch
+    def __init__(self, cfg: AugmentConfig, epoch: int = 0, passes: int = 1):
+        self.cfg, self.epoch, self.passes = cfg, epoch, passes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_augmented(augment_rows(batch, self.cfg, self.epoch))
+        return collate_augmented(augment_rows(batch, self.cfg, self.epoch, self.passes))
 
 
 class TargetCollate(NumpyBatchCollateFn):
@@ -251,10 +265,6 @@ class EvalCollate(NumpyBatchCollateFn):
         self.eval_size = tuple(eval_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        import torch
-
-        from kmax_model.targets import normalize_images
-
         items = []
         for i in range(len(batch["record_id"])):
             h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -266,6 +276,5 @@ class EvalCollate(NumpyBatchCollateFn):
             )
             t["record_id"] = str(batch["record_id"][i])
             items.append(t)
-        images = torch.from_numpy(np.stack([t.pop("image") for t in items])).permute(0, 3, 1, 2)
-        real = torch.from_numpy(np.stack([t["pixel_valid"] for t in items]))[:, None]
-        return {"images": (normalize_images(images) * real).contiguous(), "items": items}
+        images = normalised_batch([t.pop("image") for t in items], [t["pixel_valid"] for t in items])
+        return {"images": images, "items": items}

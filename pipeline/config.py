@@ -44,6 +44,9 @@ class DataConfig:
         augment: training-time augmentation (pipeline.augment).
         thing_class_ids: contiguous ids of thing classes; set from the manifest by `bind_manifest`.
         num_vis_images: validation images drawn in the prediction grid artifact.
+        min_epoch_rows: a training split with fewer records is repeated inside one data epoch (each copy
+            augmented differently) up to at least this many rows, so that training on a small split does
+            not restart the Ray Data stream every few steps (a restart costs about a second).
         synthetic_train / synthetic_val / synthetic_size: the synthetic dataset made when prepared_dir
             is None.
     """
@@ -57,12 +60,14 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     thing_class_ids: tuple[int, ...] = ()
     num_vis_images: int = 4
+    min_epoch_rows: int = 512
     synthetic_train: int = 96
     synthetic_val: int = 24
     synthetic_size: int = 96
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "synthetic_train", "synthetic_val", "synthetic_size"):
+        positive = ("batch_size", "eval_batch_size", "min_epoch_rows")
+        for name in (*positive, "synthetic_train", "synthetic_val", "synthetic_size"):
             _require(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
         _require(self.num_vis_images >= 0, f"data.num_vis_images must be >= 0, got {self.num_vis_images}")
         _require(
@@ -190,14 +195,17 @@ class ExperimentConfig:
 
 def _tiny_experiment() -> ExperimentConfig:
     """The CPU recipe: tiny model on the synthetic 96 px dataset (97 px crops), a high lr for a small model,
-    one worker using both cores of a laptop-class CPU.
+    two single-threaded DDP workers (4 images each, global batch 8).
 
-    Measured on the 2-core CI machine (lr 1e-2, crop 97): val PQ 74.0 after 200 steps of `kmax train`
-    (lr 2e-3 with 65 px crops stayed at PQ 0 after 400 steps: the masks never got confident)."""
+    Why two workers of one thread rather than one of two threads (benchmarks/bench_train.py, 97 px crops,
+    4 images per worker): intra-op threads do not pay at these tensor sizes (1 thread 13.6 img/s, 2 threads
+    11.9 img/s in a plain loop), while two processes use both cores (19.3 img/s, 1.64x the 2-thread worker).
+    lr 1e-2 with 97 px crops: lr 2e-3 with 65 px crops stayed at PQ 0 after 400 steps (masks never got
+    confident); val PQ 74.0 after 200 steps with this lr and batch on one worker."""
     return ExperimentConfig(
         model=preset("tiny"),
-        data=DataConfig(batch_size=8, eval_batch_size=8),
-        scaling=ScalingSection(num_workers=1, cpus_per_worker=2.0),
+        data=DataConfig(batch_size=4, eval_batch_size=8),
+        scaling=ScalingSection(num_workers=2, cpus_per_worker=1.0),
         train=TrainConfig(
             steps=1000,
             lr=1e-2,

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 STUDY = "assignment"
-DEMO_STEPS = 150
-"""Training steps per trial: the tiny recipe reaches val PQ ~65-75 by 150-200 steps on the synthetic set."""
+DEMO_STEPS = 250
+"""Training steps per trial. Measured here with 200 steps: val PQ 63.0 (spatial softmax), 56.2 (cluster
+softmax), 56.9 (argmax), the whole demo in 8.2 min (about 2.5 min per trial); 250 keeps it near 10 min."""
 
 DEMO_OVERRIDES = [
     f"train.steps={DEMO_STEPS}",

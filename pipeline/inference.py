@@ -47,7 +47,7 @@ def eval_batch(records: Sequence[dict], fixed: Sequence[int] | None = None) -> t
     H, W = pad_size(sizes, fixed)
     images = torch.zeros(len(records), 3, H, W)
     for i, r in enumerate(records):
-        img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(2, 0, 1)  # 3 x h x w
+        img = torch.from_numpy(np.array(r["image"])).permute(2, 0, 1)  # 3 x h x w (a writable copy)
         images[i, :, : img.shape[1], : img.shape[2]] = normalize_images(img[None])[0]
     return images, sizes
 

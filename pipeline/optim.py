@@ -79,9 +79,13 @@ def build_optimizer(
     eps: float = 1e-7,
     no_decay_keywords: Sequence[str] = DEFAULT_NO_DECAY_KEYWORDS,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups` (eps 1e-7 as the TF reference)."""
+    """AdamW over `param_groups` (eps 1e-7 as the TF reference).
+
+    ``foreach=True`` also on CPU, where torch would pick the per-parameter Python loop: the multi-tensor
+    update is one call per group instead of one per parameter (the tiny model has ~400 parameters; the loop
+    took 12 % of a CPU training step)."""
     groups = param_groups(model, lr, weight_decay, backbone_multiplier, no_decay_keywords)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def warmup_poly_factor(

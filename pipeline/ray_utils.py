@@ -20,8 +20,10 @@ QUIET_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # read at mlflow's import: no "Creating initial database" INFO lines
 }
-"""Set (unless the user already set them) before Ray starts; inherited by all workers."""
+"""Set (unless the user already set them) by the kmax command line and before Ray starts; inherited by
+all workers."""
 
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
@@ -93,7 +95,10 @@ def init_ray(cfg: RayConfig | None = None):
             object_store_memory=int(cfg.object_store_gb * 1024**3),
             logging_level=level,
             log_to_driver=cfg.verbose,
-            include_dashboard=False,
+            # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls to free the
+            # placement group of a run whose controller died (a Tune trial stopped by ASHA); without it
+            # the group leaks and later trials wait forever (reference_ray_mlflow.md, top note).
+            include_dashboard=True,
             configure_logging=True,
         )
     else:

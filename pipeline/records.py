@@ -169,6 +169,29 @@ def load_dataset(data_dir: str | Path, split: str, columns: list[str] | None = N
     return ds.select_columns(columns) if columns else ds
 
 
+PASS_COLUMN = "pass"
+"""Extra int32 column of `training_dataset` rows: which copy of a repeated small split the row is."""
+
+
+def training_dataset(data_dir: str | Path, split: str, min_rows: int):
+    """The training split as a Ray Data dataset, and (rows per epoch, passes).
+
+    A split of at least ``min_rows`` records streams from its shards (``read_parquet``). A smaller one is
+    read here and repeated ``passes = ceil(min_rows / records)`` times inside one epoch, with a
+    `PASS_COLUMN` telling the copies apart (pipeline.augment seeds each copy differently), so that one
+    epoch, and so one stream start-up, covers many steps.
+    """
+    import ray.data
+
+    rows = int(read_manifest(data_dir, split)["num_records"])
+    if rows >= min_rows:
+        return load_dataset(data_dir, split), rows, 1
+    passes = -(-min_rows // rows)
+    table = pa.concat_tables([pq.read_table(p, schema=RECORD_SCHEMA) for p in shard_paths(data_dir, split)])
+    copies = [table.append_column(PASS_COLUMN, pa.array(np.full(rows, k, np.int32))) for k in range(passes)]
+    return ray.data.from_arrow(copies), rows * passes, passes
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -48,6 +48,7 @@ class VariantRow:
     variant: str
     run_ids: list[str]
     values: dict[str, list[float]]  # metric key -> one value per seed run
+    early_stopped: int = 0  # runs of the variant that ASHA stopped (their metrics are from that point)
 
     def mean_std(self, key: str) -> tuple[float, float]:
         vals = self.values.get(key, [])
@@ -89,6 +90,7 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepRuns:
         variant = run.data.tags.get("variant", run.info.run_name)
         row = rows.setdefault(variant, VariantRow(variant, [], {}))
         row.run_ids.append(run.info.run_id)
+        row.early_stopped += run.data.tags.get("early_stopped") == "true"
         for _, key, _ in COLUMNS:
             if key in run.data.metrics:
                 row.values.setdefault(key, []).append(float(run.data.metrics[key]))
@@ -100,7 +102,8 @@ def table_lines(runs: SweepRuns, markdown: bool) -> list[str]:
     header = ["variant", "seeds"] + [c[0] for c in COLUMNS]
     body = []
     for row in runs.rows:
-        cells = [row.variant, str(len(row.run_ids))]
+        seeds = str(len(row.run_ids)) + (f" ({row.early_stopped} stopped early)" if row.early_stopped else "")
+        cells = [row.variant, seeds]
         for _, key, fmt in COLUMNS:
             mean, std = row.mean_std(key)
             cells.append(f"{mean:{fmt}} ± {std:{fmt}}")

@@ -2,6 +2,7 @@
 
     kmax sweep --study assignment [--config tiny] [--set train.steps=300 ...] [--seeds N]
                [--run-dir runs/sweeps/assignment] [--tracking-uri URI] [--ray-address auto] [--resume]
+               [--asha [--grace-evals 1] [--reduction-factor 2]]
 
 The Train V2 pattern (shared/docs/reference_ray_mlflow.md §2): every Tune trial is a light driver
 function that calls `pipeline.train.fit` with the trial's config; fit builds and runs the TorchTrainer.
@@ -19,6 +20,12 @@ Trial keys are deterministic (variant name + seed), so ``--resume`` skips every 
 its latest checkpoint because its run directory is the same). MLflow: one parent run per sweep (tags
 ``study``, ``sweep``) and one child run per trial (tags ``mlflow.parentRunId``, ``study``, ``trial``,
 ``variant``, ``seed``, ``overrides``), with the model's parameter count logged as ``model/parameters``.
+
+Early stopping (``--asha``): every validation is also a checkpoint report (``train.checkpoint_interval`` is
+set to ``train.eval_interval``), forwarded to Tune by Ray Train's ``TuneReportCallback``, and Tune's
+ASHAScheduler stops the trials whose validation PQ falls behind at each rung (``time_attr`` = reports =
+validations). A stopped trial is finished, not failed: its MLflow run is closed FINISHED with the tag
+``early_stopped=true`` and its ``trial_done.json`` written, so the report shows it and ``--resume`` keeps it.
 
 Concurrency (why trials cannot starve each other): a trial needs ``driver_cpus`` for its Tune driver,
 ``num_workers * cpus_per_worker`` for its Train workers and ``DATA_CPU_RESERVE`` for the Ray Data read
@@ -39,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.progress import PROGRESS_FILE, ProgressPrinter
 from pipeline.ray_utils import DATA_CPU_RESERVE
 from pipeline.study import SEED_PATH, Study, resolve_study, variant_name
 
 DRIVER_CPUS = 0.25
 """Logical CPUs reserved for each trial's driver function (it only waits on the TorchTrainer)."""
 DONE_FILE = "trial_done.json"
+EARLY_STOPPED_TAG = "early_stopped"
 PARAMETERS_METRIC = "model/parameters"
 
 
@@ -75,6 +84,41 @@ def trial_key(overrides: dict[str, Any], study: Study) -> str:
 
 
 @dataclass
+class AshaConfig:
+    """ASHA early stopping on validation PQ (Tune's ASHAScheduler, asynchronous successive halving).
+
+    Attributes:
+        grace_evals: validations every trial gets before it can be stopped.
+        reduction_factor: at each rung only the best 1/reduction_factor of the trials go on.
+    """
+
+    grace_evals: int = 1
+    reduction_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.grace_evals < 1:
+            raise ValueError(f"asha.grace_evals must be >= 1, got {self.grace_evals}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"asha.reduction_factor must be >= 2, got {self.reduction_factor}")
+
+    def scheduler(self, steps: int, eval_interval: int):
+        """The scheduler for trials of ``steps`` steps validated every ``eval_interval`` steps."""
+        from ray.tune.schedulers import ASHAScheduler
+
+        if eval_interval <= 0:
+            raise ValueError("--asha needs periodic validation: set train.eval_interval > 0")
+        reports = math.ceil(steps / eval_interval) + 1  # + the trial function's final report
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            metric="pq",
+            mode="max",
+            max_t=reports,
+            grace_period=min(self.grace_evals, reports),
+            reduction_factor=self.reduction_factor,
+        )
+
+
+@dataclass
 class SweepSummary:
     sweep_dir: str
     tracking_uri: str
@@ -82,6 +126,7 @@ class SweepSummary:
     finished: list[str] = field(default_factory=list)  # trial keys run (and finished) by this call
     skipped: list[str] = field(default_factory=list)  # already finished before this call (resume)
     failed: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # stopped early by ASHA (also in `finished`)
     wall_s: float = 0.0
 
 
@@ -105,7 +150,17 @@ def _trial_fn(config: dict[str, Any]) -> None:
         f"tracking.run_name={config['key']}",
     ]
     cfg = load_experiment(config["base_config"], config["base_overrides"] + overrides)
-    summary = fit(cfg, echo=lambda s: print(f"[{config['key']}] {s}", flush=True), tags=config["tags"])
+    callbacks = None
+    if config["asha"]:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
+    summary = fit(
+        cfg,
+        echo=lambda s: print(f"[{config['key']}] {s}", flush=True),
+        tags=config["tags"],
+        callbacks=callbacks,
+    )
     params = sum(p.numel() for p in build_model(_bound_model(summary.run_dir)).parameters())
     logger = tracking.RunLogger(summary.tracking_uri, summary.mlflow_run_id)
     logger.log_metrics({PARAMETERS_METRIC: float(params)}, step=0)
@@ -125,6 +180,29 @@ def _shared_synthetic(base, out: Path, echo) -> Path:
             out, train=d.synthetic_train, val=d.synthetic_val, height=d.synthetic_size, width=d.synthetic_size
         )
     return prepared
+
+
+def _close_stopped_trials(results, tracking_uri: str, echo) -> list[str]:
+    """Trials that ended without error and without their done file were stopped by the scheduler: close
+    their MLflow runs FINISHED (tag ``early_stopped``) and write their done file with the last metrics."""
+    from pipeline import tracking
+
+    stopped = []
+    for result in results:
+        trial = result.config["trial"]
+        trial_dir = Path(trial["trial_dir"])
+        if result.error is not None or (trial_dir / DONE_FILE).is_file():
+            continue
+        run_id = json.loads((trial_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
+        logger = tracking.RunLogger(tracking_uri, run_id)
+        logger.set_tags({EARLY_STOPPED_TAG: "true"})
+        logger.finish("FINISHED")
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        done = {"key": trial["key"], "run_id": run_id, "metrics": metrics, EARLY_STOPPED_TAG: True}
+        (trial_dir / DONE_FILE).write_text(json.dumps(done, indent=1, default=float))
+        echo(f"[{trial['key']}] stopped early by ASHA at step {metrics.get('step', '?')}")
+        stopped.append(trial["key"])
+    return stopped
 
 
 def _trial_entry(config: dict[str, Any]) -> None:
@@ -156,10 +234,12 @@ def run_sweep(
     ray_address: str | None = None,
     fail_trials: frozenset[str] = frozenset(),
     echo=print,
+    asha: AshaConfig | None = None,
 ) -> SweepSummary:
     """Run (or with ``resume`` continue) ``study``; see the module docstring.
 
-    ``fail_trials``: trial keys whose driver raises before training (a fault hook for tests)."""
+    ``fail_trials``: trial keys whose driver raises before training (a fault hook for tests).
+    ``asha``: early stopping on validation PQ (None: every trial runs to the end)."""
     import ray
     from ray import tune
 
@@ -170,6 +250,9 @@ def run_sweep(
     t0 = time.time()
     sweep_dir = Path(sweep_dir).resolve()
     base_overrides = list(base_overrides or [])
+    if asha is not None:  # every validation must reach Tune, and only reports do
+        interval = load_experiment(base_config, base_overrides).train.eval_interval
+        base_overrides.append(f"train.checkpoint_interval={interval}")
     if (sweep_dir / tracking.RUN_ID_FILE).is_file() and not resume:
         raise ValueError(
             f"{sweep_dir} already holds a sweep; pass --resume to continue it or another --run-dir"
@@ -219,6 +302,7 @@ def run_sweep(
                 "tracking_uri": target.tracking_uri,
                 "experiment_name": experiment,
                 "inject_failure": key in fail_trials,
+                "asha": asha is not None,
                 "tags": {
                     "mlflow.parentRunId": parent_id,
                     "study": study.name,
@@ -248,15 +332,37 @@ def run_sweep(
         tuner = tune.Tuner(
             tune.with_resources(_trial_entry, {"CPU": DRIVER_CPUS}),
             param_space={"trial": tune.grid_search(pending)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrent,
+                scheduler=asha.scheduler(base.train.steps, base.train.eval_interval) if asha else None,
+            ),
             run_config=tune.RunConfig(
                 name=f"tune_{int(time.time())}",
                 storage_path=str(sweep_dir / "tune"),
-                verbose=1,
+                verbose=0,  # progress comes from the trials' own progress files (below)
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-        tuner.fit()
+        printers = [
+            ProgressPrinter(
+                Path(item["trial_dir"]) / PROGRESS_FILE,
+                base.train.steps,
+                echo,
+                prefix=f"[{item['key']}] ",
+                announce_done=True,
+            )
+            for item in pending
+        ]
+        for printer in printers:
+            printer.start()
+        try:
+            results = tuner.fit()
+        finally:
+            for printer in printers:
+                printer.stop.set()
+                printer.join()
+        if asha is not None:
+            summary.stopped = _close_stopped_trials(results, target.tracking_uri, echo)
     for item in pending:
         done = (Path(item["trial_dir"]) / DONE_FILE).is_file()
         (summary.finished if done else summary.failed).append(item["key"])
@@ -296,6 +402,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep: run only unfinished trials"
     )
+    parser.add_argument(
+        "--asha", action="store_true", help="stop trials early on validation PQ (Tune ASHA scheduler)"
+    )
+    parser.add_argument("--grace-evals", type=int, default=1, help="ASHA: validations before any stop")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/this per rung")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.prepared_dir={args.data}"] if args.data else [])
     try:
         study = resolve_study(args.study, seeds=args.seeds)
+        asha = AshaConfig(args.grace_evals, args.reduction_factor) if args.asha else None
         sweep_dir = args.run_dir or f"runs/sweeps/{study.name}"
         s = run_sweep(
             study,
@@ -317,12 +429,14 @@ def run(args: argparse.Namespace) -> int:
             args.resume,
             address,
             echo=lambda m: print(m, flush=True),
+            asha=asha,
         )
     except (ValueError, FileNotFoundError, TrackingError) as exc:
         print(f"kmax sweep: {exc}", file=sys.stderr)
         return 2
     print(
-        f"sweep {study.name}: {len(s.finished)} trial(s) run, {len(s.skipped)} kept, {len(s.failed)} failed "
+        f"sweep {study.name}: {len(s.finished)} trial(s) run ({len(s.stopped)} stopped early), "
+        f"{len(s.skipped)} kept, {len(s.failed)} failed "
         f"in {s.wall_s / 60:.1f} min\n  MLflow: {s.tracking_uri} parent run {s.parent_run_id}\n"
         f"  compare: kmax compare --sweep {study.name} --run-dir {s.sweep_dir}"
     )

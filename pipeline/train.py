@@ -26,25 +26,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, bind_manifest, load_experiment
+from pipeline.progress import PROGRESS_FILE, ProgressPrinter
 from pipeline.ray_utils import DATA_CPU_RESERVE
 
 RAY_RUN_NAME = "train"
 """Ray Train run name inside ``<run_dir>/ray_results``; fixed so that a rerun resumes (no timestamps)."""
-
-
-PROGRESS_FILE = "progress.jsonl"
-PROGRESS_POLL_S = 0.5
 
 
 @dataclass
@@ -105,57 +100,18 @@ def _local_ray_cpus(cfg: ExperimentConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(need))
 
 
-class _ProgressPrinter(threading.Thread):
-    """Prints rank 0's progress lines (step, loss, img/s, data wait, ETA) while the trainer runs."""
-
-    def __init__(self, path: Path, total_steps: int, echo):
-        super().__init__(daemon=True)
-        self.path, self.total, self.echo = path, total_steps, echo
-        self.offset = path.stat().st_size if path.exists() else 0
-        self.stop = threading.Event()
-        self.t0 = time.time()
-        self.first_step: int | None = None
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.poll()
-            self.stop.wait(PROGRESS_POLL_S)
-        self.poll()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open() as f:
-            f.seek(self.offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            rec = json.loads(line)
-            if rec.get("done"):
-                continue
-            step = rec["step"]
-            if self.first_step is None:
-                self.first_step, self.t0 = step, time.time()
-            rate = (step - self.first_step) / max(time.time() - self.t0, 1e-9)
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
-            eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
-            self.echo(
-                f"step {step}/{self.total}  loss {rec['loss']:.4f}  img/s {rec['images_per_s']:.1f}  "
-                f"data wait {100 * rec['data_wait_fraction']:.1f}%  lr {rec['lr']:.2e}  ETA {eta_text}"
-            )
-
-
 def fit(
     cfg: ExperimentConfig,
     fault_injection: dict | None = None,
     echo=print,
     tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
 ) -> TrainSummary:
     """Train (or resume) the run described by ``cfg``; see the module docstring.
 
     ``tags`` are added to the MLflow run when it is created (a sweep passes ``mlflow.parentRunId``, study,
-    trial and variant)."""
+    trial and variant). ``callbacks``: Ray Train user callbacks of the run (a sweep with early stopping
+    passes ``TuneReportCallback`` so that every checkpoint report, with its validation PQ, reaches Tune)."""
     from pipeline import checkpoint as ckpt
     from pipeline import tracking
     from pipeline.ray_utils import init_ray
@@ -188,19 +144,23 @@ def fit(
         run_name,
         tags={**(tags or {}), "run_dir": str(run_dir)},
     )
-    from pipeline.records import load_dataset, read_manifest
+    from pipeline.records import training_dataset
 
+    train_ds, train_rows, passes = training_dataset(
+        cfg.data.prepared_dir, cfg.data.train_split, cfg.data.min_epoch_rows
+    )
     loop_config = {
         "experiment": experiment,
         "tracking_uri": target.tracking_uri,
         "mlflow_run_id": run_id,
         "progress_file": str(run_dir / PROGRESS_FILE),
-        "train_rows": read_manifest(cfg.data.prepared_dir, cfg.data.train_split)["num_records"],
+        "train_rows": train_rows,
+        "passes": passes,
         "val_dir": cfg.data.prepared_dir,
         "fault_injection": fault_injection,
     }
-    trainer = _build_trainer(cfg, loop_config, load_dataset(cfg.data.prepared_dir, cfg.data.train_split))
-    printer = _ProgressPrinter(run_dir / PROGRESS_FILE, cfg.train.steps, echo)
+    trainer = _build_trainer(cfg, loop_config, train_ds, callbacks or [])
+    printer = ProgressPrinter(run_dir / PROGRESS_FILE, cfg.train.steps, echo)
     printer.start()
     logger = tracking.RunLogger(target.tracking_uri, run_id)
     try:
@@ -227,7 +187,7 @@ def fit(
     )
 
 
-def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds):
+def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds, callbacks: list):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -255,6 +215,7 @@ def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds):
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
+            callbacks=callbacks,
         ),
     )
 

@@ -1,7 +1,8 @@
 """The Ray Train per-worker loop: ``train_fn_per_worker(loop_config)`` (built and launched by pipeline.train).
 
 ``loop_config`` = {"experiment": ExperimentConfig as a plain dict, "tracking_uri": str, "mlflow_run_id": str,
-"progress_file": str, "train_rows": int, "val_dir": str,
+"progress_file": str, "train_rows": int (rows per data epoch), "passes": int (copies of a small split per
+epoch, pipeline.records.training_dataset), "val_dir": str,
 "fault_injection": None | {"step", "rank", "marker", "delay_s"}} (a chaos test of fault tolerance: the given
 rank calls ``os._exit(1)`` after finishing that step, once, guarded by the marker file).
 
@@ -17,7 +18,8 @@ resumed from a checkpoint at step s continues exactly as the uninterrupted run w
 
 Checkpoints are written by rank 0 (pipeline.checkpoint: atomic, weights_only-loadable) and reported by every
 rank through ``ray.train.report`` (a barrier). Rank 0 logs to MLflow (pipeline.tracking.RunLogger on the run
-id the driver created) and appends progress lines to ``progress_file`` for the driver to print.
+id the driver created; per-step metrics through a BackgroundMetrics thread, flushed before each checkpoint)
+and appends progress lines to ``progress_file`` for the driver to print.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SEED_STRIDE = 1_000_003
 """Per-step seeds are ``seed * SEED_STRIDE + step * world + rank`` (distinct for every (step, rank))."""
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUX_MARK = "_aux"
+"""Loss keys of the per-decoder-layer outputs contain this (kmax_model.criterion: ``loss_pq_dice_aux0``)."""
 
 
 def _step_seed(seed: int, step: int, rank: int, world: int) -> int:
@@ -54,8 +58,10 @@ class _Batches:
     ``batches_per_epoch`` is fixed (rows per worker // batch size, drop_last), so the position of
     micro-batch ``m`` is (epoch ``m // batches_per_epoch``, index ``m % batches_per_epoch``)."""
 
-    def __init__(self, shard, augment_cfg, batch_size: int, batches_per_epoch: int, start: int):
-        self.shard, self.augment_cfg, self.batch_size = shard, augment_cfg, batch_size
+    def __init__(
+        self, shard, augment_cfg, batch_size: int, batches_per_epoch: int, start: int, passes: int = 1
+    ):
+        self.shard, self.augment_cfg, self.batch_size, self.passes = shard, augment_cfg, batch_size, passes
         self.per_epoch = batches_per_epoch
         self.epoch, skip = divmod(start, batches_per_epoch)
         self._iter = self._epoch_iter()
@@ -68,7 +74,7 @@ class _Batches:
 
         it = self.shard.iter_torch_batches(
             batch_size=self.batch_size,
-            collate_fn=AugmentCollate(self.augment_cfg, self.epoch),
+            collate_fn=AugmentCollate(self.augment_cfg, self.epoch, self.passes),
             drop_last=True,
             prefetch_batches=2,
         )
@@ -142,14 +148,15 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
         step = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         best_pq = state["metrics"].get("best_pq", best_pq)
 
-    logger = None
+    logger = step_metrics = None
     if rank == 0:
-        from pipeline.tracking import RunLogger, flatten_params
+        from pipeline.tracking import BackgroundMetrics, RunLogger, flatten_params
 
         logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
         if not logger.has_params():
             logger.log_params(flatten_params(loop_config["experiment"]))
             logger.log_dict(loop_config["experiment"], "config.json")
+        step_metrics = BackgroundMetrics(RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]))
     progress = Path(loop_config["progress_file"]) if rank == 0 else None
 
     rows = int(loop_config["train_rows"]) // world
@@ -165,6 +172,7 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
         cfg.data.batch_size,
         per_epoch,
         step * tcfg.grad_accum,
+        int(loop_config["passes"]),
     )
     evaluator = Evaluator(cfg, loop_config["val_dir"], rank, world, device)
     fault = loop_config.get("fault_injection")
@@ -207,9 +215,14 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
             data_wait_fraction=(batches.wait_s - wait0) / elapsed,
             epoch=float(batches.epoch),
         )
-        if logger is not None:
-            logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
-            if step % tcfg.log_interval == 0 or step == tcfg.steps:
+        if step_metrics is not None:
+            logged = step % tcfg.log_interval == 0 or step == tcfg.steps
+            # the per-decoder-layer terms (`_aux<i>`: 30 of the tiny model's 45 series) every log_interval
+            # steps only; the total, each final-layer term, lr and throughput every step
+            step_metrics.log_metrics(
+                {f"train/{k}": v for k, v in metrics.items() if logged or AUX_MARK not in k}, step
+            )
+            if logged:
                 with progress.open("a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
 
@@ -225,6 +238,9 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
         if do_eval:
             last_eval = evaluator.run(model, step, logger)
             model.train()
+            if progress is not None:
+                with progress.open("a") as f:
+                    f.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
         do_ckpt = final or (tcfg.checkpoint_interval and step % tcfg.checkpoint_interval == 0)
         if do_ckpt:
             pq = last_eval.get("eval/pq_all", float("nan"))
@@ -234,6 +250,7 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
             with tempfile.TemporaryDirectory() as tmp:
                 reported = None
                 if rank == 0:
+                    step_metrics.flush()  # everything up to this checkpoint is in the store
                     state = ckpt.build_state(
                         step=step,
                         model=model,
@@ -255,5 +272,6 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
                     checkpoint_dir_name=f"checkpoint_{step:07d}" if reported else None,
                 )
     if logger is not None:
+        step_metrics.close()
         with progress.open("a") as f:
             f.write(json.dumps({"done": True, "step": step, **last_eval}) + "\n")

@@ -30,6 +30,7 @@ OVERRIDES = [
     "data.eval_batch_size=2",
     "data.num_vis_images=2",
     "data.augment.crop_size=49",
+    "scaling.num_workers=1",
     "scaling.cpus_per_worker=0.5",
     "fault.max_failures=0",
 ]

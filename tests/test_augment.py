@@ -14,6 +14,7 @@ from pipeline.augment import (
     TargetCollate,
     augment_dataset,
     augment_record,
+    augment_rows,
     build_target,
     eval_transform,
 )
@@ -148,3 +149,46 @@ def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
     )
     assert ev["images"].shape == (2, 3, 33, 33) and ev["items"][0]["label"].shape == (48, 48)
     assert ev["items"][0]["resized_hw"] == (33, 33) and ev["items"][0]["record_id"] == "100001"
+
+
+@pytest.mark.ray
+def test_small_split_is_repeated_within_an_epoch_with_distinct_augmentations(ray_session, tmp_path):
+    """training_dataset repeats a split smaller than min_rows (passes = ceil(min_rows / rows)); every copy
+    of a record is augmented as its own epoch (epoch * passes + pass), so copies differ and epochs too."""
+    from pipeline.datasets.synthetic import make_prepared_synthetic
+    from pipeline.records import PASS_COLUMN, training_dataset
+
+    data = make_prepared_synthetic(tmp_path, train=3, val=1, height=48, width=48, progress=False)
+    ds, rows, passes = training_dataset(data, "train", min_rows=8)
+    assert (rows, passes) == (9, 3)
+    rows_seen = ds.take_all()
+    assert [(r["record_id"], r[PASS_COLUMN]) for r in rows_seen] == [
+        (rid, k) for k in range(3) for rid in ("1", "2", "3")
+    ]
+    cfg = AugmentConfig(crop_size=33, min_scale=0.75, max_scale=1.25, seed=3)
+    batch = {k: np.array([r[k] for r in rows_seen], dtype=object) for k in rows_seen[0]}
+    epoch1 = augment_rows(batch, cfg, epoch=1, passes=3)
+    for i in range(9):  # copy k of epoch 1 == the record augmented alone as epoch 1 * 3 + k
+        alone = augment_rows({k: v[i : i + 1] for k, v in batch.items() if k != PASS_COLUMN}, cfg, 3 + i // 3)
+        assert np.array_equal(epoch1["image"][i], alone["image"][0])
+    assert not np.array_equal(epoch1["image"][0], epoch1["image"][3])  # two copies of one record differ
+    big, rows_big, passes_big = training_dataset(data, "train", min_rows=3)
+    assert (rows_big, passes_big) == (3, 1) and PASS_COLUMN not in big.schema().names
+
+
+def test_normalised_batch_equals_the_model_normalisation_bit_for_bit():
+    """The numpy normalisation of the collates == kmax_model.targets.normalize_images * valid (torch)."""
+    import torch
+
+    from kmax_model.targets import normalize_images
+    from pipeline.augment import normalised_batch
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(3)]
+    valid = [rng.random((37, 53)) > 0.3 for _ in range(3)]
+    got = normalised_batch(images, valid)
+    nchw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    want = normalize_images(nchw) * torch.from_numpy(np.stack(valid))[:, None]
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)
+    assert float(got[~torch.from_numpy(np.stack(valid))[:, None].expand_as(got)].abs().max()) == 0.0

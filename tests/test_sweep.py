@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.study import Study
-from pipeline.sweep import DONE_FILE, PARAMETERS_METRIC, max_concurrent_trials, run_sweep, trial_key
-from tests.sweep_helpers import FAILED_ONCE, KEPT, STEPS, STUDY, shared_sweep
+from pipeline.sweep import (
+    DONE_FILE,
+    PARAMETERS_METRIC,
+    AshaConfig,
+    max_concurrent_trials,
+    run_sweep,
+    trial_key,
+)
+from tests.sweep_helpers import FAILED_ONCE, KEPT, OVERRIDES, STEPS, STUDY, shared_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +109,67 @@ def test_sweep_script_runs_standalone():
         check=True,
     )
     assert "--study" in out.stdout and "--resume" in out.stdout and "--ray-address" in out.stdout
+
+
+def test_asha_config_validation_and_rungs():
+    with pytest.raises(ValueError, match="asha.reduction_factor"):
+        AshaConfig(reduction_factor=1)
+    with pytest.raises(ValueError, match="train.eval_interval > 0"):
+        AshaConfig().scheduler(steps=10, eval_interval=0)
+    sched = AshaConfig(grace_evals=1, reduction_factor=2).scheduler(steps=10, eval_interval=5)
+    assert sched._max_t == 3  # two validations + the trial's final report
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asha_stops_the_trial_behind_on_pq_and_later_trials_still_run(ray_session, tmp_path_factory):
+    """Three trials one at a time (4 logical CPUs, 3.25 per trial): 'a' keeps every predicted segment (all
+    post-processing thresholds 0, so even a model of 12 steps scores PQ > 0); 'b' voids every segment through
+    its post-processing area limit, so its validation PQ is exactly 0 and ASHA stops it at its first rung
+    (behind 'a'); 'c' (= 'a') must still get its workers afterwards (the stopped trial's placement group is
+    released, reference_ray_mlflow.md) and finish. The stopped trial is closed FINISHED + early_stopped in
+    MLflow, counted in the report and kept by --resume.
+
+    Tune's stop is asynchronous (the trial trains on until its actor is torn down), so 'b' gets 24 steps
+    after its first validation for the stop to land: it must end before its 3rd validation, not at step 12."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.datasets.synthetic import make_prepared_synthetic
+    from pipeline.report import load_sweep
+
+    root = tmp_path_factory.mktemp("asha")
+    data = make_prepared_synthetic(root / "data", train=8, val=4, height=48, width=48, seed=0, progress=False)
+    limit = "model.postprocess.stuff_area_limit"
+    study = Study("t_asha", {limit: [0, 100000, 1]})
+    keys = [trial_key(t, study) for t in study.trials()]
+    replaced = ("train.steps", "train.eval_interval", "train.checkpoint")
+    overrides = [
+        f"data.prepared_dir={data}",
+        *[o for o in OVERRIDES if not o.startswith(replaced)],
+        "train.steps=36",
+        "train.eval_interval=12",
+        "model.postprocess.thing_threshold=0.0",
+        "model.postprocess.stuff_threshold=0.0",
+        "model.postprocess.thing_area_limit=0",
+        "model.postprocess.pixel_confidence_threshold=0.0",
+        "model.postprocess.overlap_threshold=0.0",
+        "scaling.cpus_per_worker=2",  # with num_workers=1 from OVERRIDES: 3.25 CPUs, one trial at a time
+    ]
+    summary = run_sweep(study, root / "sweep", "tiny", overrides, asha=AshaConfig(1, 2))
+    assert summary.failed == [] and summary.finished == keys and summary.stopped == [keys[1]]
+
+    client = MlflowClient(summary.tracking_uri)
+    exp = client.get_experiment_by_name("sweep-t_asha")
+    runs = {r.data.tags["trial"]: r for r in client.search_runs([exp.experiment_id], "tags.trial != ''")}
+    pq = {k: [m.value for m in client.get_metric_history(runs[k].info.run_id, "eval/pq_all")] for k in keys}
+    assert pq[keys[0]][0] > 0 and pq[keys[1]][0] == 0.0
+    assert len(pq[keys[0]]) == len(pq[keys[2]]) == 3  # a and c ran to the end
+    assert 1 <= len(pq[keys[1]]) < 3 and set(pq[keys[1]]) == {0.0}  # b stopped before its end
+    stopped = runs[keys[1]]
+    assert stopped.info.status == "FINISHED" and stopped.data.tags["early_stopped"] == "true"
+    done = json.loads((root / "sweep" / "trials" / keys[1] / DONE_FILE).read_text())
+    assert done["early_stopped"] is True and done["metrics"]["step"] in (12, 24)
+    rows = {r.variant: r for r in load_sweep(summary.tracking_uri, "t_asha").rows}
+    assert rows["stuff_area_limit=100000"].early_stopped == 1
+    again = run_sweep(study, root / "sweep", "tiny", overrides, resume=True, asha=AshaConfig(1, 2))
+    assert again.skipped == keys and again.finished == []

@@ -52,6 +52,7 @@ def test_training_writes_checkpoints_and_mlflow(straight, data_dir):
     for key in (
         "train/loss",
         "train/loss_pq_dice",
+        "train/loss_pq_dice_aux0",  # per-layer terms: every log_interval (1 here) steps
         "train/lr",
         "train/images_per_s",
         "train/data_wait_fraction",
@@ -84,8 +85,10 @@ def test_resume_after_stop_gives_the_same_weights(straight, data_dir, tmp_path):
     assert ckpt.load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
     resumed = fit(cfg)
     assert resumed.steps == TINY_STEPS and resumed.mlflow_run_id  # same run id recorded in the run dir
-    progress = [json.loads(x)["step"] for x in (run_dir / "progress.jsonl").read_text().splitlines()]
-    assert progress[:3] == [1, 2, 3] and progress[3:] == [3, 4, 4]  # steps 3.. redone, then the "done" line
+    progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in progress if "eval" not in p and "done" not in p] == [1, 2, 3, 3, 4]  # 3 redone
+    assert [p["step"] for p in progress if "eval" in p] == [2, 4]
+    assert [p["step"] for p in progress if "done" in p] == [4]
     a, b = model_weights(straight.checkpoint), model_weights(resumed.checkpoint)
     assert a.keys() == b.keys()
     for k in a:  # same seeds, same data order, same RNG per step: equal up to float reduction order
