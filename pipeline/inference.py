@@ -5,9 +5,15 @@ and returns per-image integer PQ stats; rank 0 reduces them in image order) and 
 ``kmax evaluate --checkpoint CKPT --data DIR --split NAME`` through `evaluate_checkpoint`.
 
 Evaluation input: the stored image (already at its prepared size), normalised and zero-padded at the
-bottom/right to ``data.eval_size`` (or, when None, to the smallest ``4k + 1`` size holding the batch,
+bottom/right to ``data.eval_size`` (or, when None, to the smallest ``4k + 1`` size holding the image,
 the "SAME"/align-corners convention of deeplab2); mask logits are upsampled to the padded size and
 cropped back to the image (kmax_model.postprocess.upsample_mask_logits).
+
+A prediction depends on the padding (the k-means updates of the decoder pool over every pixel, padded ones
+too), so each image is padded by its own size only, never to the largest image of its batch: images of
+equal padded size share a forward pass. The PQ of a split is then the same whatever the batch size and the
+number of workers (measured on the 2 real COCO sample images before this rule: PQ 66.9 in batches of 2,
+71.0 one by one).
 """
 
 from __future__ import annotations
@@ -77,6 +83,17 @@ class Predictor:
     def __call__(self, records: Sequence[dict], return_assignments: bool = False) -> list[dict]:
         """Decoded records -> per record {"label_map" int32 np [h, w], "segments", optionally "assignments"
         (list over decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(pad_size([(int(r["height"]), int(r["width"]))], self.eval_size), []).append(i)
+        results: list[dict] = [{}] * len(records)
+        for members in groups.values():
+            for i, out in zip(members, self._predict([records[i] for i in members], return_assignments)):
+                results[i] = out
+        return results
+
+    def _predict(self, records: Sequence[dict], return_assignments: bool) -> list[dict]:
+        """One forward pass over records of the same padded size."""
         images, sizes = eval_batch(records, self.eval_size)
         images = images.to(self.device)
         module = self.model.module if hasattr(self.model, "module") else self.model
