@@ -85,6 +85,10 @@ def init_ray(cfg: RayConfig | None = None):
 
     cfg = cfg or RayConfig()
     if ray.is_initialized():
+        # Already connected (a Tune trial's process, a test session): the DataContext is per process, and
+        # a trial's datasets must be ordered like the driver's, or its training data order (and result)
+        # would depend on scheduling.
+        _quiet_ray_data()
         return ray
     quiet_environment()
     level = logging.INFO if cfg.verbose else logging.ERROR
