@@ -34,7 +34,11 @@ COORD_CHANNELS = 2
 
 class KMaXLayer(nn.Module):
     """One clustering layer. ``forward(F, C)`` -> ``(C', aux prediction dict, F')`` (``F' is F`` unless
-    the CMT pixel update is on, i.e. ``assignment == "cluster_softmax"``)."""
+    the CMT pixel update is on: ``assignment == "cluster_softmax"`` and ``updates_pixels``).
+
+    ``updates_pixels``: whether a later layer reads this layer's F'. The last layer of each stride hands its
+    centres, not its pixels, to the next stride (which starts from the next pixel-decoder map), so it has
+    no pixel update: a module whose output nothing reads gets no gradient, which DDP refuses."""
 
     def __init__(
         self,
@@ -43,6 +47,7 @@ class KMaXLayer(nn.Module):
         head_cfg: HeadConfig,
         num_classes: int,
         norm: NormFactory,
+        updates_pixels: bool = True,
     ) -> None:
         super().__init__()
         d = cfg.hidden_dim
@@ -73,7 +78,7 @@ class KMaXLayer(nn.Module):
         )
         self.pixel_update = (
             ConvNormAct(d, pixel_ch, norm, 1, act=None, gamma_init=0.0)
-            if cfg.assignment == "cluster_softmax"
+            if cfg.assignment == "cluster_softmax" and updates_pixels
             else None
         )
         # Independent drop-path masks per residual (deeplab2), one module each for clarity.
@@ -149,8 +154,8 @@ class KMaXTransformerDecoder(nn.Module):
         self.layers = nn.ModuleList()
         self.layer_inputs: list[int] = []
         for i, (ch, n) in enumerate(zip(pixel_channels, cfg.blocks_per_stride)):
-            for _ in range(n):
-                self.layers.append(KMaXLayer(ch, cfg, head_cfg, num_classes, norm))
+            for j in range(n):
+                self.layers.append(KMaXLayer(ch, cfg, head_cfg, num_classes, norm, updates_pixels=j < n - 1))
                 self.layer_inputs.append(i)
         d = cfg.hidden_dim
         self.class_embed = ConvNormAct(d, d, norm, 1, dims=1)

@@ -111,7 +111,7 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
     import ray.train
     import ray.train.torch
 
-    from kmax_model.criterion import build_criterion
+    from kmax_model.criterion import LOSS_KEY_TO_WEIGHT_FIELD, build_criterion
     from kmax_model.model import build_model
     from pipeline import checkpoint as ckpt
     from pipeline.config import ExperimentConfig
@@ -130,7 +130,12 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
     model = build_model(cfg.model)
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    # A loss weighted 0 is not computed (kmax_model.criterion), so the head it trains gets no gradient,
+    # which DDP refuses unless told to look for unused parameters (an extra graph walk per step).
+    disabled = any(getattr(cfg.model.loss, f) == 0 for f in LOSS_KEY_TO_WEIGHT_FIELD.values())
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True} if disabled else None
+    )
     criterion = build_criterion(cfg.model)
     optimizer = build_optimizer(
         model, tcfg.lr, tcfg.weight_decay, tcfg.backbone_lr_multiplier, eps=tcfg.adam_eps

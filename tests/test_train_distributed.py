@@ -90,3 +90,23 @@ def test_multinode_matches_single_node(killed_run, data_dir, tmp_path):
     assert [s for s, _ in result["loss"]] == [s for s, _ in single] == [1, 2, 3, 4]
     for (_, multi), (_, one) in zip(result["loss"], single):
         assert multi == pytest.approx(one, rel=LOSS_RTOL)
+
+
+def test_ddp_with_the_cmt_pixel_update_and_a_disabled_loss(data_dir, tmp_path):
+    """2 DDP workers: cluster_softmax (its per-layer pixel update) and a loss weighted 0 (its head gets no
+    gradient, so DDP must look for unused parameters) both train; either used to stop DDP at step 2."""
+    cfg = tiny_config(
+        data_dir,
+        tmp_path / "cmt",
+        "model.decoder.assignment=cluster_softmax",
+        "model.loss.semantic_weight=0",
+        "train.steps=2",
+        "train.eval_interval=0",
+        "train.checkpoint_interval=0",
+        workers=2,
+    )
+    summary = fit(cfg)
+    assert summary.steps == 2
+    losses = metric_steps(summary.tracking_uri, summary.mlflow_run_id, "train/loss")
+    assert [s for s, _ in losses] == [1, 2]
+    assert metric_steps(summary.tracking_uri, summary.mlflow_run_id, "train/loss_semantic") == []
