@@ -173,8 +173,17 @@ def _plots(runs: SweepRuns, out: Path) -> list[Path]:
         else:
             os.environ[k] = v
     if maps:
-        fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 5), squeeze=False)
-        for ax, (variant, img, path) in zip(axes[0], maps):
+        # one row per variant: the per-run figures are wide strips (the image, then one map per layer)
+        width = 14.0
+        heights = [width * img.shape[0] / img.shape[1] + 0.5 for _, img, _ in maps]
+        fig, axes = plt.subplots(
+            len(maps),
+            1,
+            figsize=(width, sum(heights) + 0.6),
+            squeeze=False,
+            gridspec_kw={"height_ratios": heights},
+        )
+        for ax, (variant, img, path) in zip(axes[:, 0], maps):
             ax.imshow(img)
             ax.set_title(f"{variant}\n{Path(path).name}", fontsize=9)
             ax.axis("off")
