@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.sweep import EARLY_STOPPED_TAG, PARAMETERS_METRIC
+
 # (column header, MLflow metric key, format)
 COLUMNS: list[tuple[str, str, str]] = [
     ("PQ", "eval/pq_all", ".2f"),
@@ -35,7 +37,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("SQ", "eval/sq_all", ".2f"),
     ("RQ", "eval/rq_all", ".2f"),
     ("mIoU", "eval/miou", ".2f"),
-    ("params", "model/parameters", ".0f"),
+    ("params", PARAMETERS_METRIC, ".0f"),
     ("img/s", "train/images_per_s", ".1f"),
 ]
 PQ_KEY = "eval/pq_all"
@@ -90,7 +92,7 @@ def load_sweep(tracking_uri: str, sweep: str) -> SweepRuns:
         variant = run.data.tags.get("variant", run.info.run_name)
         row = rows.setdefault(variant, VariantRow(variant, [], {}))
         row.run_ids.append(run.info.run_id)
-        row.early_stopped += run.data.tags.get("early_stopped") == "true"
+        row.early_stopped += run.data.tags.get(EARLY_STOPPED_TAG) == "true"
         for _, key, _ in COLUMNS:
             if key in run.data.metrics:
                 row.values.setdefault(key, []).append(float(run.data.metrics[key]))

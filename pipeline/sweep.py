@@ -250,14 +250,15 @@ def run_sweep(
     t0 = time.time()
     sweep_dir = Path(sweep_dir).resolve()
     base_overrides = list(base_overrides or [])
-    if asha is not None:  # every validation must reach Tune, and only reports do
-        interval = load_experiment(base_config, base_overrides).train.eval_interval
-        base_overrides.append(f"train.checkpoint_interval={interval}")
     if (sweep_dir / tracking.RUN_ID_FILE).is_file() and not resume:
         raise ValueError(
             f"{sweep_dir} already holds a sweep; pass --resume to continue it or another --run-dir"
         )
     base = load_experiment(base_config, base_overrides)  # validates the base config before any compute
+    scheduler = None
+    if asha is not None:  # every validation must reach Tune, and only reports do
+        scheduler = asha.scheduler(base.train.steps, base.train.eval_interval)
+        base_overrides.append(f"train.checkpoint_interval={base.train.eval_interval}")
     for t in study.trials():  # and every trial's overrides
         load_experiment(base_config, base_overrides + [f"{k}={_as_override(v)}" for k, v in t.items()])
     target = tracking.resolve_target(tracking_uri, sweep_dir)
@@ -334,7 +335,7 @@ def run_sweep(
             param_space={"trial": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrent,
-                scheduler=asha.scheduler(base.train.steps, base.train.eval_interval) if asha else None,
+                scheduler=scheduler,
             ),
             run_config=tune.RunConfig(
                 name=f"tune_{int(time.time())}",

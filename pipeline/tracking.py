@@ -154,11 +154,16 @@ class RunLogger:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = _client(tracking_uri)
-        self._last_step = self._stored_last_steps()
+        self._stored_keys = set(self.client.get_run(self.run_id).data.metrics)
+        self._last_step: dict[str, int] = {}
 
-    def _stored_last_steps(self) -> dict[str, int]:
-        keys = self.client.get_run(self.run_id).data.metrics.keys()
-        return {k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
+    def _last_logged(self, key: str) -> int:
+        """The last step of ``key`` in the store (-1: none), read on the key's first use only: a run has
+        several loggers (the training loop's eval logger, its step-metrics writer), each reads its keys."""
+        if key not in self._last_step:
+            history = self.client.get_metric_history(self.run_id, key) if key in self._stored_keys else []
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
 
     def has_params(self) -> bool:
         return bool(self.client.get_run(self.run_id).data.params)
@@ -170,9 +175,9 @@ class RunLogger:
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> int:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> int:
         """Log finite metrics at ``step``; returns how many were written (0 when all were already stored)."""
-        return self.log_metric_rows([(metrics, step, timestamp_ms)])
+        return self.log_metric_rows([(metrics, step, None)])
 
     def log_metric_rows(self, rows: list[tuple[Mapping[str, float], int, int | None]]) -> int:
         """Log several steps' metrics, ``(metrics, step, timestamp_ms or None = now)`` each, in as few
@@ -184,7 +189,7 @@ class RunLogger:
         for metrics, step, timestamp_ms in rows:
             for k, v in metrics.items():
                 v = float(v)
-                if not math.isfinite(v) or step <= self._last_step.get(k, -1):
+                if not math.isfinite(v) or step <= self._last_logged(k):
                     continue
                 items.append(Metric(k, v, now if timestamp_ms is None else timestamp_ms, int(step)))
                 self._last_step[k] = int(step)
