@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 PostProcessPreset = Literal["coco", "cityscapes", "ade20k"]
+MaskLossAt = Literal["grid", "input"]
+MASK_LOSS_AT = ("grid", "input")
 
 LOSS_WEIGHT_FIELDS = (
     "pq_class_weight",
@@ -79,6 +81,12 @@ class LossConfig:
             loss weights derived from it) for every auxiliary decoder-layer output, as both reference
             implementations do (reference_kmax.md §9.1). False re-matches each output on its own
             predictions (an ablation).
+        mask_loss_at: where the dice and mask-ID terms are evaluated: "grid" = the output-stride grid, as
+            both references do; "input" = at input pixels, the mask logits read as inference upsamples
+            them (kmax_model.mask_points; a departure from the references that lets the loss see boundaries
+            between grid points). Needs targets with ``input_index``.
+        mask_loss_points: with ``mask_loss_at = "input"``, the number of input pixels sampled per image
+            (12544 = 112 x 112, Mask2Former's number of points); 0 reads every pixel.
     """
 
     pq_class_weight: float = 3.0
@@ -95,8 +103,13 @@ class LossConfig:
     semantic_sample_k: int = 4096
     semantic_sample_temperature: float = 2.0
     share_final_matching: bool = True
+    mask_loss_at: MaskLossAt = "grid"
+    mask_loss_points: int = 12544
 
     def __post_init__(self) -> None:
+        if self.mask_loss_at not in MASK_LOSS_AT:
+            raise ValueError(f"loss.mask_loss_at must be one of {MASK_LOSS_AT}, got {self.mask_loss_at!r}")
+        _check_int("loss", "mask_loss_points", self.mask_loss_points, 0)
         if not isinstance(self.share_final_matching, bool):
             raise ValueError(f"loss.share_final_matching must be a bool, got {self.share_final_matching!r}")
         for name in LOSS_WEIGHT_FIELDS:

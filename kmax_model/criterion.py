@@ -5,6 +5,8 @@ Orchestration follows bytedance/kmax-deeplab ``kmax_deeplab/modeling/criterion.p
 L931-1040 @ 64bc1c1a: the Hungarian matching and the stop-gradient PQ-style weights are computed once on
 the final output and shared by every auxiliary decoder-layer output (unless
 ``LossConfig.share_final_matching`` is False); the semantic loss applies to the final output only.
+With ``LossConfig.mask_loss_at = "input"`` the dice and mask-ID terms read the mask logits at input pixels
+(`kmax_model.mask_points`; one point sample per call, shared by every output).
 Everything is computed in fp32 with autocast disabled.
 
 Usage in a train step::
@@ -30,6 +32,7 @@ from kmax_model.losses import (
     pq_dice_loss,
     semantic_loss,
 )
+from kmax_model.mask_points import InputPoints, mask_logits_at, sample_input_points, slot_targets_at
 from kmax_model.matcher import MatchResult, hungarian_match
 from kmax_model.targets import IGNORE_INDEX, Target
 
@@ -67,6 +70,7 @@ class SlotTargets:
         semantic: [B, h, w] int64 semantic labels (IGNORE_INDEX on void).
         valid_map: [B, h, w] bool, the 2-D ``valid`` (for strided subsampling of the semantic GT).
         area_map: [B, h, w] float, the 2-D ``area``.
+        gt_to_slot: [B, Mmax] int64 slot matched to each GT mask, -1 for unmatched masks and padding.
     """
 
     masks: torch.Tensor
@@ -79,9 +83,26 @@ class SlotTargets:
     semantic: torch.Tensor
     valid_map: torch.Tensor
     area_map: torch.Tensor
+    gt_to_slot: torch.Tensor
 
 
-def _check_targets(outputs: dict[str, Any], targets: list[Target]) -> None:
+def _check_input_index(targets: list[Target], grid: tuple[int, int]) -> None:
+    sizes = set()
+    for index, target in enumerate(targets):
+        if "input_index" not in target:
+            raise ValueError(
+                f"targets[{index}] lacks 'input_index', which loss.mask_loss_at='input' needs "
+                "(pipeline.augment builds it when the collate is made with input_targets=True)"
+            )
+        shape = tuple(target["input_index"].shape)
+        if len(shape) != 2 or shape[0] < grid[0] or shape[1] < grid[1]:
+            raise ValueError(f"targets[{index}]['input_index'] is {shape}: expected (H, W) >= grid {grid}")
+        sizes.add(shape)
+    if len(sizes) > 1:
+        raise ValueError(f"targets' input_index sizes differ within the batch: {sorted(sizes)}")
+
+
+def _check_targets(outputs: dict[str, Any], targets: list[Target], input_index: bool) -> None:
     batch, _, height, width = outputs["mask_logits"].shape
     if len(targets) != batch:
         raise ValueError(f"criterion got {len(targets)} targets for a batch of {batch} predictions")
@@ -103,6 +124,8 @@ def _check_targets(outputs: dict[str, Any], targets: list[Target]) -> None:
                 f"targets[{index}] has {target['masks'].shape[0]} masks "
                 f"but {target['labels'].shape[0]} labels"
             )
+    if input_index:
+        _check_input_index(targets, (height, width))
 
 
 class Criterion:
@@ -157,18 +180,23 @@ class Criterion:
             targets: one `Target` per image at the ``h x w`` grid.
             generator: optional generator making the Gumbel-top-k pixel sampling reproducible.
         """
-        _check_targets(outputs, targets)
-        device_type = outputs["mask_logits"].device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        at_input = self.cfg.mask_loss_at == "input"
+        _check_targets(outputs, targets, at_input)
+        device = outputs["mask_logits"].device
+        points = None
+        if at_input:
+            index = torch.stack([t["input_index"].to(device=device, dtype=torch.int64) for t in targets])
+            points = sample_input_points(index, self.cfg.mask_loss_points, generator)
+        with torch.autocast(device_type=device.type, enabled=False):
             final = {key: outputs[key].float() for key in ("class_logits", "mask_logits", "pixel_feature")}
             slot_targets = self.build_slot_targets(final, targets)
-            losses = self._output_losses(final, slot_targets, "", generator)
+            losses = self._output_losses(final, slot_targets, "", generator, points)
             for index, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux = {key: aux[key].float() for key in ("class_logits", "mask_logits", "pixel_feature")}
                 aux_targets = (
                     slot_targets if self.cfg.share_final_matching else self.build_slot_targets(aux, targets)
                 )
-                losses.update(self._output_losses(aux, aux_targets, f"_aux{index}", generator))
+                losses.update(self._output_losses(aux, aux_targets, f"_aux{index}", generator, points))
             if "semantic_logits" in outputs and self.cfg.semantic_weight > 0:
                 losses["loss_semantic"] = self._semantic(
                     outputs["semantic_logits"].float(), slot_targets, generator
@@ -181,9 +209,15 @@ class Criterion:
         slot: SlotTargets,
         suffix: str,
         generator: torch.Generator | None,
+        points: InputPoints | None,
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        mask_logits = output["mask_logits"].flatten(2)  # B x N x P
+        if points is None:  # the reference: dice and mask-ID on the output-stride grid
+            mask_logits, mask_targets, mask_valid = output["mask_logits"].flatten(2), slot.masks, slot.valid
+        else:
+            mask_logits = mask_logits_at(output["mask_logits"], points)  # B x N x K
+            mask_targets = slot_targets_at(points, slot.gt_to_slot, mask_logits.shape[1])
+            mask_valid = points.valid
         losses: dict[str, torch.Tensor] = {}
         if cfg.pq_class_weight > 0:
             losses["loss_pq_class" + suffix] = pq_class_loss(
@@ -191,10 +225,10 @@ class Criterion:
             )
         if cfg.pq_dice_weight > 0:
             losses["loss_pq_dice" + suffix] = pq_dice_loss(
-                mask_logits, slot.masks, slot.valid, slot.dice_weights, cfg.pq_alpha, cfg.dice_smooth
+                mask_logits, mask_targets, mask_valid, slot.dice_weights, cfg.pq_alpha, cfg.dice_smooth
             )
         if cfg.mask_id_weight > 0:
-            losses["loss_mask_id" + suffix] = mask_id_loss(mask_logits, slot.masks, slot.valid)
+            losses["loss_mask_id" + suffix] = mask_id_loss(mask_logits, mask_targets, mask_valid)
         if cfg.insdis_weight > 0:
             losses["loss_insdis" + suffix] = instance_discrimination_loss(
                 output["pixel_feature"].flatten(2),
@@ -249,6 +283,7 @@ class Criterion:
         masks = torch.zeros(batch, num_slots, num_pixels, device=device)
         gt_masks = torch.zeros(batch, max_gt, num_pixels, device=device)
         classes = torch.full((batch, num_slots), self.num_classes, dtype=torch.int64, device=device)
+        gt_to_slot = torch.full((batch, max_gt), -1, dtype=torch.int64, device=device)
         dice_weights = torch.zeros(batch, num_slots, device=device)
         valid = torch.stack([t["valid"].to(device=device, dtype=torch.bool) for t in targets]).flatten(1)
 
@@ -274,6 +309,7 @@ class Criterion:
             )
             slots, gts = match.slot_indices, match.gt_indices
             masks[b, slots] = gt[gts]
+            gt_to_slot[b, gts] = slots
             classes[b, slots] = labels[gts]
             class_weights[b, slots] = alpha * match.matched_dice.clamp(min=eps)
             dice_weights[b, slots] = match.matched_class_prob.clamp(min=eps)
@@ -291,6 +327,7 @@ class Criterion:
             semantic=semantic,
             valid_map=valid.view(batch, height, width),
             area_map=area,
+            gt_to_slot=gt_to_slot,
         )
 
 

@@ -15,7 +15,7 @@ Conventions shared by every stage (pipeline records, post-processing, evaluation
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 
@@ -41,6 +41,9 @@ class Target(TypedDict):
                   class), ``IGNORE_INDEX`` on void.
         area:     float32 [h, w], pixel count (at this grid) of the mask containing each pixel; 0 where
                   the pixel is in no mask. Drives the small-object bias of Gumbel top-k sampling.
+        input_index: optional int64 [H, W] at the INPUT resolution (the crop): index into ``masks`` of the
+                  mask containing each pixel, -1 in no mask (void, crowd, padding, and segments absent from
+                  the grid). Needed by ``LossConfig.mask_loss_at = "input"`` (kmax_model.mask_points).
     """
 
     masks: torch.Tensor
@@ -48,6 +51,7 @@ class Target(TypedDict):
     valid: torch.Tensor
     semantic: torch.Tensor
     area: torch.Tensor
+    input_index: NotRequired[torch.Tensor]
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ batching, the worker count or the order, and every epoch differs.
 Targets (`build_target`, the `kmax_model.targets.Target` contract) are built at the output-stride grid by
 strided subsampling ``label[::stride, ::stride]`` (reference_kmax.md §9.4; deeplab2 and the kMaX-PyTorch
 mapper's ``[::4, ::4]``): a crop of ``k * stride + 1`` pixels gives a ``k + 1`` grid, i.e. the grid size is
-``ceil(crop / stride)``, the model's "SAME" output size.
+``ceil(crop / stride)``, the model's "SAME" output size. With ``input_targets=True`` the crop's label at input
+resolution also goes into the target (``Target.input_index``) for ``LossConfig.mask_loss_at = "input"``.
 
 Two ways to run it with Ray:
 - `AugmentCollate(cfg, epoch)` passed to ``iter_torch_batches`` over the stored records (decodes and
@@ -85,9 +86,15 @@ def _resize(image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int]) -> t
 
 
 def augment_record(
-    image: np.ndarray, label: np.ndarray, record_id: str, cfg: AugmentConfig, epoch: int
+    image: np.ndarray,
+    label: np.ndarray,
+    record_id: str,
+    cfg: AugmentConfig,
+    epoch: int,
+    input_targets: bool = False,
 ) -> dict:
-    """One image -> {"image" uint8 [Hc,Wc,3], "pixel_valid" bool [Hc,Wc], "label_grid" int32 [h,w]}."""
+    """One image -> {"image" uint8 [Hc,Wc,3], "pixel_valid" bool [Hc,Wc], "label_grid" int32 [h,w]}, plus
+    "label_input" int32 [Hc,Wc] (the crop's label at input resolution) when ``input_targets``."""
     rng = record_rng(cfg.seed, epoch, record_id)
     scale = rng.uniform(cfg.min_scale, cfg.max_scale)
     h, w = label.shape
@@ -107,18 +114,24 @@ def augment_record(
     if rng.random() < cfg.flip_prob:
         img, lab, real = img[:, ::-1], lab[:, ::-1], real[:, ::-1]
     s = cfg.output_stride
-    return {
+    out = {
         "image": np.ascontiguousarray(img),
         "pixel_valid": np.ascontiguousarray(real),
         "label_grid": np.ascontiguousarray(lab[::s, ::s]),
     }
+    if input_targets:
+        out["label_input"] = np.ascontiguousarray(lab)
+    return out
 
 
-def build_target(label_grid: np.ndarray, segments: list[dict]) -> Target:
+def build_target(
+    label_grid: np.ndarray, segments: list[dict], label_input: np.ndarray | None = None
+) -> Target:
     """Target (kmax_model.targets) from a label map at the output grid and the record's segments.
 
     One mask per non-crowd segment present on the grid (things: one per instance; stuff: one per class,
-    since a stuff class has a single segment), in the record's segment order.
+    since a stuff class has a single segment), in the record's segment order. With ``label_input`` (the
+    same crop at input resolution) the target also holds ``input_index``: each input pixel's mask index.
     """
     import torch
 
@@ -131,7 +144,7 @@ def build_target(label_grid: np.ndarray, segments: list[dict]) -> Target:
     valid = np.zeros((h, w), bool)
     area = np.zeros((h, w), np.float32)
     present = dict(zip(ids.tolist(), counts.tolist()))
-    masks, labels = [], []
+    masks, labels, mask_ids = [], [], []
     for seg in segments:
         sid = int(seg["id"])
         if sid not in present:
@@ -144,17 +157,33 @@ def build_target(label_grid: np.ndarray, segments: list[dict]) -> Target:
         area[m] = present[sid]
         masks.append(m)
         labels.append(seg["class_id"])
+        mask_ids.append(sid)
     unknown = [v for v in present if v != VOID_LABEL and v not in info]
     if unknown:
         raise ValueError(f"label values {unknown[:5]} have no segment in the record")
     masks_arr = np.stack(masks).astype(np.float32) if masks else np.zeros((0, h, w), np.float32)
-    return Target(
+    target = Target(
         masks=torch.from_numpy(masks_arr),
         labels=torch.as_tensor(labels, dtype=torch.int64),
         valid=torch.from_numpy(valid),
         semantic=torch.from_numpy(semantic),
         area=torch.from_numpy(area),
     )
+    if label_input is not None:
+        target["input_index"] = torch.from_numpy(_input_index(label_input, mask_ids))
+    return target
+
+
+def _input_index(label_input: np.ndarray, mask_ids: list[int]) -> np.ndarray:
+    """int64 [H, W]: position in ``mask_ids`` of each pixel's label, -1 for labels not in it."""
+    index = np.full(label_input.shape, -1, np.int64)
+    if mask_ids:
+        ids = np.asarray(mask_ids, np.int64)
+        order = np.argsort(ids)
+        pos = np.searchsorted(ids[order], label_input).clip(0, len(ids) - 1)
+        hit = ids[order][pos] == label_input
+        index[hit] = order[pos[hit]]
+    return index
 
 
 def _segments_list(value) -> list[dict]:
@@ -179,19 +208,26 @@ def normalised_batch(images: list[np.ndarray], valid: list[np.ndarray]):
 
 
 def collate_augmented(batch: dict) -> dict:
-    """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}."""
+    """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}.
+    Targets get ``input_index`` when the rows have a "label_input" column."""
+    inputs = batch.get("label_input")
     targets = [
-        build_target(np.asarray(g), _segments_list(s)) for g, s in zip(batch["label_grid"], batch["segments"])
+        build_target(np.asarray(g), _segments_list(s), None if inputs is None else np.asarray(inputs[i]))
+        for i, (g, s) in enumerate(zip(batch["label_grid"], batch["segments"]))
     ]
     return {"images": normalised_batch(list(batch["image"]), list(batch["pixel_valid"])), "targets": targets}
 
 
-def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int, passes: int = 1) -> dict:
+def augment_rows(
+    batch: dict, cfg: AugmentConfig, epoch: int, passes: int = 1, input_targets: bool = False
+) -> dict:
     """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch).
 
     Rows of a repeated split (pipeline.records.training_dataset: ``passes`` copies per epoch, told apart by
-    the ``pass`` column) are augmented as epoch ``epoch * passes + pass``, so every copy differs."""
-    out = {"record_id": [], "image": [], "pixel_valid": [], "label_grid": [], "segments": []}
+    the ``pass`` column) are augmented as epoch ``epoch * passes + pass``, so every copy differs.
+    ``input_targets`` adds the "label_input" column (see `augment_record`)."""
+    arrays = ("image", "pixel_valid", "label_grid") + (("label_input",) if input_targets else ())
+    out = {"record_id": [], "segments": [], **{k: [] for k in arrays}}
     copy = batch.get(PASS_COLUMN)
     for i in range(len(batch["record_id"])):
         h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -201,25 +237,24 @@ def augment_rows(batch: dict, cfg: AugmentConfig, epoch: int, passes: int = 1) -
             str(batch["record_id"][i]),
             cfg,
             epoch if copy is None else epoch * passes + int(copy[i]),
+            input_targets,
         )
         out["record_id"].append(str(batch["record_id"][i]))
         out["segments"].append(str(batch["segments"][i]))
-        for k in ("image", "pixel_valid", "label_grid"):
+        for k in arrays:
             out[k].append(aug[k])
-    return {
-        k: np.stack(v) if k in ("image", "pixel_valid", "label_grid") else np.array(v) for k, v in out.items()
-    }
+    return {k: np.stack(v) if k in arrays else np.array(v) for k, v in out.items()}
 
 
 class AugmentCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches(collate_fn=AugmentCollate(cfg, epoch, passes))`` over stored records (decode +
-    augment + targets in the train worker). Make a new instance per epoch."""
+    """``iter_torch_batches(collate_fn=AugmentCollate(cfg, epoch, passes, input_targets))`` over stored
+    records (decode + augment + targets in the train worker). Make a new instance per epoch."""
 
-    def __init__(self, cfg: AugmentConfig, epoch: int = 0, passes: int = 1):
-        self.cfg, self.epoch, self.passes = cfg, epoch, passes
+    def __init__(self, cfg: AugmentConfig, epoch: int = 0, passes: int = 1, input_targets: bool = False):
+        self.cfg, self.epoch, self.passes, self.input_targets = cfg, epoch, passes, input_targets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_augmented(augment_rows(batch, self.cfg, self.epoch, self.passes))
+        return collate_augmented(augment_rows(batch, self.cfg, self.epoch, self.passes, self.input_targets))
 
 
 class TargetCollate(NumpyBatchCollateFn):
@@ -229,10 +264,14 @@ class TargetCollate(NumpyBatchCollateFn):
         return collate_augmented(batch)
 
 
-def augment_dataset(ds, cfg: AugmentConfig, epoch: int):
-    """Ray Data: stored records -> augmented rows (image, pixel_valid, label_grid, segments, record_id)."""
+def augment_dataset(ds, cfg: AugmentConfig, epoch: int, input_targets: bool = False):
+    """Ray Data: stored records -> augmented rows (image, pixel_valid, label_grid, segments, record_id, and
+    label_input when ``input_targets``)."""
     return ds.map_batches(
-        augment_rows, fn_kwargs={"cfg": cfg, "epoch": epoch}, batch_format="numpy", batch_size=8
+        augment_rows,
+        fn_kwargs={"cfg": cfg, "epoch": epoch, "input_targets": input_targets},
+        batch_format="numpy",
+        batch_size=8,
     )
 
 

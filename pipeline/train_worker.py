@@ -59,9 +59,17 @@ class _Batches:
     micro-batch ``m`` is (epoch ``m // batches_per_epoch``, index ``m % batches_per_epoch``)."""
 
     def __init__(
-        self, shard, augment_cfg, batch_size: int, batches_per_epoch: int, start: int, passes: int = 1
+        self,
+        shard,
+        augment_cfg,
+        batch_size: int,
+        batches_per_epoch: int,
+        start: int,
+        passes: int = 1,
+        input_targets: bool = False,
     ):
         self.shard, self.augment_cfg, self.batch_size, self.passes = shard, augment_cfg, batch_size, passes
+        self.input_targets = input_targets
         self.per_epoch = batches_per_epoch
         self.epoch, skip = divmod(start, batches_per_epoch)
         self._iter = self._epoch_iter()
@@ -74,7 +82,7 @@ class _Batches:
 
         it = self.shard.iter_torch_batches(
             batch_size=self.batch_size,
-            collate_fn=AugmentCollate(self.augment_cfg, self.epoch, self.passes),
+            collate_fn=AugmentCollate(self.augment_cfg, self.epoch, self.passes, self.input_targets),
             drop_last=True,
             prefetch_batches=2,
         )
@@ -178,6 +186,7 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
         per_epoch,
         step * tcfg.grad_accum,
         int(loop_config["passes"]),
+        input_targets=cfg.model.loss.mask_loss_at == "input",
     )
     evaluator = Evaluator(cfg, loop_config["val_dir"], rank, world, device)
     fault = loop_config.get("fault_injection")

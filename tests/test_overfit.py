@@ -1,4 +1,5 @@
-"""Learning acceptance: the `tiny` preset overfits 4 synthetic panoptic images to PQ >= 95.
+"""Learning acceptance: the `tiny` preset overfits 4 synthetic panoptic images to PQ >= 95 (on the grid), and
+with the input-resolution mask loss to PQ >= 93 against the full-resolution labels.
 
 The images (65 x 65: two stuff regions split at a random row, discs and squares as two thing classes)
 are generated here; targets are built at the output-stride grid by strided subsampling (as the reference
@@ -113,17 +114,16 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.slow
-def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
-    torch.manual_seed(SEED)
+def _samples() -> tuple[list[tuple[np.ndarray, np.ndarray]], torch.Tensor]:
     rng = np.random.default_rng(SEED)
     samples = [_synthetic_image(rng) for _ in range(NUM_IMAGES)]
     images = normalize_images(torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2))
-    gt_grid = [s[1][::STRIDE, ::STRIDE].copy() for s in samples]
-    targets = [_target(s[1]) for s in samples]
-    assert all(int(t["semantic"].min()) != IGNORE_INDEX for t in targets)
+    return samples, images
 
-    cfg = dataclasses.replace(kmax_model.preset("tiny"), num_classes=len(IS_THING))
+
+def _train(cfg, images: torch.Tensor, targets: list[Target]) -> tuple[torch.nn.Module, dict, dict]:
+    """STEPS full-batch AdamW steps; returns the model and the first and last loss dicts."""
+    torch.manual_seed(SEED)
     model = kmax_model.build_model(cfg)
     criterion = build_criterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
@@ -138,10 +138,42 @@ def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+    return model, first, {k: v.item() for k, v in losses.items()}
+
+
+def _full_resolution_pq(model, cfg, images: torch.Tensor, labels: list[np.ndarray]) -> dict:
+    """PQ against the full-resolution labels (mask logits upsampled 17 -> 65 px, align_corners=True)."""
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    predictions = [
+        panoptic_inference(
+            outputs["class_logits"][b],
+            outputs["mask_logits"][b],
+            IS_THING,
+            DIV,
+            cfg.postprocess,
+            output_size=(SIZE, SIZE),
+            category_ids=CATEGORY_IDS,
+        )
+        for b in range(NUM_IMAGES)
+    ]
+    return _pq(labels, predictions)
+
+
+@pytest.mark.slow
+def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
+    samples, images = _samples()
+    gt_grid = [s[1][::STRIDE, ::STRIDE].copy() for s in samples]
+    targets = [_target(s[1]) for s in samples]
+    assert all(int(t["semantic"].min()) != IGNORE_INDEX for t in targets)
+
+    cfg = dataclasses.replace(kmax_model.preset("tiny"), num_classes=len(IS_THING))
+    model, first, last = _train(cfg, images, targets)
     # mask-ID and semantic CE collapse (the PQ-style terms start tiny: they are weighted by the matched
     # class probability and dice; instance discrimination keeps its floor, the entropy of its soft targets)
-    assert losses["loss_mask_id"].item() < 0.05 * first["loss_mask_id"]
-    assert losses["loss_semantic"].item() < 0.05 * first["loss_semantic"]
+    assert last["loss_mask_id"] < 0.05 * first["loss_mask_id"]
+    assert last["loss_semantic"] < 0.05 * first["loss_semantic"]
 
     model.eval()
     with torch.no_grad():
@@ -162,19 +194,29 @@ def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
     assert result["All"]["pq"] >= 0.95, result  # measured: 1.000 (PQ, SQ and RQ) after 300 steps
     assert result["Things"]["n"] == 2 and result["Stuff"]["n"] == 2
 
-    # At full resolution (mask logits upsampled 17 -> 65 px, align_corners=True) every segment is still
-    # recognised; SQ is bounded by the 4-pixel output stride on these small shapes (measured PQ 0.864).
-    full_res = [
-        panoptic_inference(
-            outputs["class_logits"][b],
-            outputs["mask_logits"][b],
-            IS_THING,
-            DIV,
-            cfg.postprocess,
-            output_size=(SIZE, SIZE),
-            category_ids=CATEGORY_IDS,
-        )
-        for b in range(NUM_IMAGES)
-    ]
-    full_result = _pq([s[1] for s in samples], full_res)
-    assert full_result["All"]["rq"] == 1.0 and full_result["All"]["pq"] >= 0.8, full_result
+    # At full resolution every segment is still recognised; SQ is bounded by the 4-pixel output stride on
+    # these small shapes (measured PQ 0.864): the grid loss never sees where a boundary lies between grid
+    # points (the next test removes that bound).
+    full_result = _full_resolution_pq(model, cfg, images, [s[1] for s in samples])
+    assert full_result["All"]["rq"] == 1.0 and 0.8 <= full_result["All"]["pq"] < 0.9, full_result
+
+
+@pytest.mark.slow
+def test_input_resolution_mask_loss_overfits_the_full_resolution_labels(single_thread) -> None:
+    """The same images and schedule with loss.mask_loss_at=input (every input pixel): PQ against the
+    full-resolution labels rises from the grid loss's 0.864 to 0.953 (measured)."""
+    samples, images = _samples()
+    targets = []
+    for _, label in samples:
+        target = _target(label)
+        values = torch.unique(torch.from_numpy(label[::STRIDE, ::STRIDE].copy()))  # _target's mask order
+        index = torch.full((SIZE, SIZE), -1, dtype=torch.int64)
+        for j, value in enumerate(values.tolist()):
+            index[torch.from_numpy(label) == value] = j
+        targets.append(Target(**target, input_index=index))
+    cfg = dataclasses.replace(kmax_model.preset("tiny"), num_classes=len(IS_THING))
+    loss = dataclasses.replace(cfg.loss, mask_loss_at="input", mask_loss_points=0)
+    cfg = dataclasses.replace(cfg, loss=loss)
+    model, _, _ = _train(cfg, images, targets)
+    result = _full_resolution_pq(model, cfg, images, [s[1] for s in samples])
+    assert result["All"]["rq"] == 1.0 and result["All"]["pq"] >= 0.93, result
