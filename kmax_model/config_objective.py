@@ -86,7 +86,9 @@ class LossConfig:
             them (kmax_model.mask_points; a departure from the references that lets the loss see boundaries
             between grid points). Needs targets with ``input_index``.
         mask_loss_points: with ``mask_loss_at = "input"``, the number of input pixels sampled per image
-            (12544 = 112 x 112, Mask2Former's number of points); 0 reads every pixel.
+            (12544 = 112 x 112, Mask2Former's number of points); 0 reads every pixel. Cost measured on one
+            CPU thread (criterion forward + backward, one 433 x 641 image, 32 slots, 7 outputs): grid 0.17 s,
+            16384 points 0.32 s, every pixel 5.3 s.
     """
 
     pq_class_weight: float = 3.0
