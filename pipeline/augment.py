@@ -144,7 +144,8 @@ def build_target(
     valid = np.zeros((h, w), bool)
     area = np.zeros((h, w), np.float32)
     present = dict(zip(ids.tolist(), counts.tolist()))
-    masks, labels, mask_ids = [], [], []
+    masks, labels = [], []
+    input_index = None if label_input is None else np.full(label_input.shape, -1, np.int64)
     for seg in segments:
         sid = int(seg["id"])
         if sid not in present:
@@ -155,9 +156,10 @@ def build_target(
             continue
         valid |= m
         area[m] = present[sid]
+        if input_index is not None:
+            input_index[label_input == sid] = len(masks)
         masks.append(m)
         labels.append(seg["class_id"])
-        mask_ids.append(sid)
     unknown = [v for v in present if v != VOID_LABEL and v not in info]
     if unknown:
         raise ValueError(f"label values {unknown[:5]} have no segment in the record")
@@ -169,21 +171,9 @@ def build_target(
         semantic=torch.from_numpy(semantic),
         area=torch.from_numpy(area),
     )
-    if label_input is not None:
-        target["input_index"] = torch.from_numpy(_input_index(label_input, mask_ids))
+    if input_index is not None:
+        target["input_index"] = torch.from_numpy(input_index)
     return target
-
-
-def _input_index(label_input: np.ndarray, mask_ids: list[int]) -> np.ndarray:
-    """int64 [H, W]: position in ``mask_ids`` of each pixel's label, -1 for labels not in it."""
-    index = np.full(label_input.shape, -1, np.int64)
-    if mask_ids:
-        ids = np.asarray(mask_ids, np.int64)
-        order = np.argsort(ids)
-        pos = np.searchsorted(ids[order], label_input).clip(0, len(ids) - 1)
-        hit = ids[order][pos] == label_input
-        index[hit] = order[pos[hit]]
-    return index
 
 
 def _segments_list(value) -> list[dict]:
