@@ -89,6 +89,11 @@ class LossConfig:
             (12544 = 112 x 112, Mask2Former's number of points); 0 reads every pixel. Cost measured on one
             CPU thread (criterion forward + backward, one 433 x 641 image, 32 slots, 7 outputs): grid 0.17 s,
             16384 points 0.32 s, every pixel 5.3 s.
+        mask_loss_hard_ratio: with sampled input points, the fraction of them chosen as the hardest of
+            ``mask_loss_oversample x mask_loss_points`` uniform candidates (lowest softmax probability of
+            the matched slot under the final output), the rest uniform among the leftover candidates;
+            0 = uniform sampling. Mask2Former's importance sampling uses 0.75 with oversample 3.
+        mask_loss_oversample: candidates per point for the hard-point choice (>= 1).
     """
 
     pq_class_weight: float = 3.0
@@ -107,11 +112,17 @@ class LossConfig:
     share_final_matching: bool = True
     mask_loss_at: MaskLossAt = "grid"
     mask_loss_points: int = 12544
+    mask_loss_hard_ratio: float = 0.0
+    mask_loss_oversample: float = 3.0
 
     def __post_init__(self) -> None:
         if self.mask_loss_at not in MASK_LOSS_AT:
             raise ValueError(f"loss.mask_loss_at must be one of {MASK_LOSS_AT}, got {self.mask_loss_at!r}")
         _check_int("loss", "mask_loss_points", self.mask_loss_points, 0)
+        _check_unit_interval("loss", "mask_loss_hard_ratio", self.mask_loss_hard_ratio)
+        oversample = self.mask_loss_oversample
+        if not (isinstance(oversample, (int, float)) and math.isfinite(oversample) and oversample >= 1.0):
+            raise ValueError(f"loss.mask_loss_oversample must be >= 1, got {self.mask_loss_oversample}")
         if not isinstance(self.share_final_matching, bool):
             raise ValueError(f"loss.share_final_matching must be a bool, got {self.share_final_matching!r}")
         for name in LOSS_WEIGHT_FIELDS:

@@ -32,7 +32,13 @@ from kmax_model.losses import (
     pq_dice_loss,
     semantic_loss,
 )
-from kmax_model.mask_points import InputPoints, mask_logits_at, sample_input_points, slot_targets_at
+from kmax_model.mask_points import (
+    InputPoints,
+    mask_logits_at,
+    sample_hard_input_points,
+    sample_input_points,
+    slot_targets_at,
+)
 from kmax_model.matcher import MatchResult, hungarian_match
 from kmax_model.targets import IGNORE_INDEX, Target
 
@@ -183,13 +189,14 @@ class Criterion:
         at_input = self.cfg.mask_loss_at == "input"
         _check_targets(outputs, targets, at_input)
         device = outputs["mask_logits"].device
-        points = None
-        if at_input:
-            index = torch.stack([t["input_index"].to(device=device, dtype=torch.int64) for t in targets])
-            points = sample_input_points(index, self.cfg.mask_loss_points, generator)
         with torch.autocast(device_type=device.type, enabled=False):
             final = {key: outputs[key].float() for key in ("class_logits", "mask_logits", "pixel_feature")}
             slot_targets = self.build_slot_targets(final, targets)
+            points = (
+                self._input_points(targets, final["mask_logits"], slot_targets, generator)
+                if at_input
+                else None
+            )
             losses = self._output_losses(final, slot_targets, "", generator, points)
             for index, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux = {key: aux[key].float() for key in ("class_logits", "mask_logits", "pixel_feature")}
@@ -202,6 +209,29 @@ class Criterion:
                     outputs["semantic_logits"].float(), slot_targets, generator
                 )
         return losses
+
+    def _input_points(
+        self,
+        targets: list[Target],
+        final_mask_logits: torch.Tensor,
+        slot: SlotTargets,
+        generator: torch.Generator | None,
+    ) -> InputPoints:
+        """The input pixels of this call's mask losses (uniform, or partly hard under the final output)."""
+        device = final_mask_logits.device
+        index = torch.stack([t["input_index"].to(device=device, dtype=torch.int64) for t in targets])
+        cfg = self.cfg
+        if cfg.mask_loss_points == 0 or cfg.mask_loss_hard_ratio == 0:
+            return sample_input_points(index, cfg.mask_loss_points, generator)
+        return sample_hard_input_points(
+            index,
+            final_mask_logits,
+            slot.gt_to_slot,
+            cfg.mask_loss_points,
+            cfg.mask_loss_hard_ratio,
+            cfg.mask_loss_oversample,
+            generator,
+        )
 
     def _output_losses(
         self,

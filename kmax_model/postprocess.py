@@ -31,13 +31,18 @@ def upsample_mask_logits(
     mask_logits: torch.Tensor,
     output_size: tuple[int, int] | None = None,
     valid_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Resize mask logits ``[..., N, h, w]`` bilinearly (align_corners=True) to ``output_size``, then crop.
+    """Resize mask logits ``[..., N, h, w]`` bilinearly (align_corners=True) to ``output_size``, crop, and
+    optionally resize the crop to the image's own size.
 
     Args:
         mask_logits: [N, h, w] or [B, N, h, w] logits.
         output_size: (H, W) to resize to (e.g. the padded input size); None keeps ``h x w``.
         valid_size: (H', W') top-left crop applied after resizing (the unpadded image region); None keeps all.
+        image_size: (H'', W'') the crop is resized to when the input was a resized copy of the image
+            (bilinear, align_corners=False, as bytedance/kmax-deeplab ``sem_seg_postprocess`` maps predictions
+            back to the original size @ f8e1d046); None keeps the crop.
     """
     squeeze = mask_logits.dim() == 3
     logits = mask_logits[None] if squeeze else mask_logits
@@ -45,6 +50,8 @@ def upsample_mask_logits(
         logits = F.interpolate(logits.float(), size=tuple(output_size), mode="bilinear", align_corners=True)
     if valid_size is not None:
         logits = logits[..., : valid_size[0], : valid_size[1]]
+    if image_size is not None and tuple(image_size) != tuple(logits.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False)
     return logits[0] if squeeze else logits
 
 
@@ -87,6 +94,7 @@ def panoptic_inference(
     output_size: tuple[int, int] | None = None,
     valid_size: tuple[int, int] | None = None,
     category_ids: Sequence[int] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Mask-wise merging of one image's slots into a panoptic label map.
 
@@ -102,7 +110,8 @@ def panoptic_inference(
         is_thing: K booleans, True for thing classes.
         label_divisor: label map value = class_id * label_divisor + instance (instances < label_divisor).
         cfg: thresholds (defaults: `PostProcessConfig()` = COCO).
-        output_size, valid_size: see `upsample_mask_logits`.
+        output_size, valid_size, image_size: see `upsample_mask_logits` (the label map has the size of the
+            crop, or ``image_size`` when given).
         category_ids: optional K original dataset category ids, added to segments as "category_id".
 
     Returns:
@@ -114,7 +123,7 @@ def panoptic_inference(
     if category_ids is not None and len(category_ids) != num_classes:
         raise ValueError(f"category_ids has {len(category_ids)} entries, expected {num_classes}")
     class_scores, class_ids = class_logits.float().softmax(-1)[:, :-1].max(-1)  # N
-    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size).softmax(0)  # N x H x W
+    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size, image_size).softmax(0)
     binary = mask_probs > cfg.pixel_confidence_threshold  # N x H x W
     pixel_counts = binary.flatten(1).sum(1)  # N
     mask_scores = (mask_probs * binary).flatten(1).sum(1) / pixel_counts.clamp(min=1)

@@ -59,8 +59,9 @@ class Evaluator:
                 self.vis_records.append(record)
 
     def _predictor(self, model) -> Predictor:
+        data = self.cfg.data
         return Predictor(
-            model, self.manifest, self.cfg.model.postprocess, self.cfg.data.eval_size, self.device
+            model, self.manifest, self.cfg.model.postprocess, data.eval_size, self.device, data.eval_long_side
         )
 
     @torch.no_grad()

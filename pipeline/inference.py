@@ -7,7 +7,10 @@ and returns per-image integer PQ stats; rank 0 reduces them in image order) and 
 Evaluation input: the stored image (already at its prepared size), normalised and zero-padded at the
 bottom/right to ``data.eval_size`` (or, when None, to the smallest ``4k + 1`` size holding the image,
 the "SAME"/align-corners convention of deeplab2); mask logits are upsampled to the padded size and
-cropped back to the image (kmax_model.postprocess.upsample_mask_logits).
+cropped back to the image (kmax_model.postprocess.upsample_mask_logits). With ``data.eval_long_side`` the
+image is first resized so its long side has that many pixels, as the references evaluate COCO at the train
+resolution (long side resized to the 1281 crop, reference_kmax.md §1.7), and the cropped logits are resized
+back to the stored size before the panoptic merge, so PQ is always scored at the stored resolution.
 
 A prediction depends on the padding (the k-means updates of the decoder pool over every pixel, padded ones
 too), so each image is padded by its own size only, never to the largest image of its batch: images of
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kmax_model.postprocess import panoptic_inference
 from kmax_model.targets import VOID_LABEL, normalize_images
@@ -47,14 +51,31 @@ def pad_size(sizes: Iterable[tuple[int, int]], fixed: Sequence[int] | None = Non
     return (math.ceil((max_h - 1) / m) * m + 1, math.ceil((max_w - 1) / m) * m + 1)
 
 
-def eval_batch(records: Sequence[dict], fixed: Sequence[int] | None = None) -> tuple[torch.Tensor, list]:
-    """Decoded records -> (normalised, zero-padded images [B, 3, H, W], list of (h, w) valid sizes)."""
-    sizes = [(int(r["height"]), int(r["width"])) for r in records]
+def input_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
+    """The (h, w) an image of ``height x width`` enters the model at: its own size, or resized (aspect ratio
+    kept) so that its long side is ``long_side``."""
+    if long_side is None:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def eval_batch(
+    records: Sequence[dict], fixed: Sequence[int] | None = None, long_side: int | None = None
+) -> tuple[torch.Tensor, list]:
+    """Decoded records -> (normalised, zero-padded images [B, 3, H, W], list of (h, w) valid sizes).
+
+    With ``long_side`` each image is first resized bilinearly (`input_size`; antialiased when shrinking)
+    and the valid sizes are the resized ones."""
+    sizes = [input_size(int(r["height"]), int(r["width"]), long_side) for r in records]
     H, W = pad_size(sizes, fixed)
     images = torch.zeros(len(records), 3, H, W)
-    for i, r in enumerate(records):
-        img = torch.from_numpy(np.array(r["image"])).permute(2, 0, 1)  # 3 x h x w (a writable copy)
-        images[i, :, : img.shape[1], : img.shape[2]] = normalize_images(img[None])[0]
+    for i, (r, size) in enumerate(zip(records, sizes)):
+        img = normalize_images(torch.from_numpy(np.array(r["image"])).permute(2, 0, 1)[None])  # 1 x 3 x h x w
+        if tuple(img.shape[-2:]) != size:
+            shrink = size[0] < img.shape[-2]
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        images[i, :, : size[0], : size[1]] = img[0]
     return images, sizes
 
 
@@ -66,9 +87,19 @@ class Predictor:
         manifest: the prepared split's manifest (categories, label_divisor).
         postprocess: kmax_model PostProcessConfig.
         eval_size: fixed (H, W) padding or None (dynamic).
+        eval_long_side: resize each image so its long side has this many pixels before padding (None = as
+            stored); the mask logits are resized back, so label maps always have the stored size.
     """
 
-    def __init__(self, model: torch.nn.Module, manifest: dict, postprocess: Any, eval_size=None, device=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        manifest: dict,
+        postprocess: Any,
+        eval_size=None,
+        device=None,
+        eval_long_side: int | None = None,
+    ):
         self.model = model
         cats = sorted(manifest["categories"], key=lambda c: c["class_id"])
         self.categories = cats
@@ -77,6 +108,7 @@ class Predictor:
         self.label_divisor = int(manifest["label_divisor"])
         self.postprocess = postprocess
         self.eval_size = eval_size
+        self.eval_long_side = eval_long_side
         self.device = device or torch.device("cpu")
 
     @torch.no_grad()
@@ -85,7 +117,8 @@ class Predictor:
         (list over decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(records):
-            groups.setdefault(pad_size([(int(r["height"]), int(r["width"]))], self.eval_size), []).append(i)
+            size = input_size(int(r["height"]), int(r["width"]), self.eval_long_side)
+            groups.setdefault(pad_size([size], self.eval_size), []).append(i)
         results: list[dict] = [{}] * len(records)
         for members in groups.values():
             for i, out in zip(members, self._predict([records[i] for i in members], return_assignments)):
@@ -94,13 +127,13 @@ class Predictor:
 
     def _predict(self, records: Sequence[dict], return_assignments: bool) -> list[dict]:
         """One forward pass over records of the same padded size."""
-        images, sizes = eval_batch(records, self.eval_size)
+        images, sizes = eval_batch(records, self.eval_size, self.eval_long_side)
         images = images.to(self.device)
         module = self.model.module if hasattr(self.model, "module") else self.model
         outputs = module(images, return_assignments=True) if return_assignments else module(images)
         H, W = images.shape[-2:]
         results = []
-        for b, (h, w) in enumerate(sizes):
+        for b, (r, (h, w)) in enumerate(zip(records, sizes)):
             label, segments = panoptic_inference(
                 outputs["class_logits"][b],
                 outputs["mask_logits"][b],
@@ -110,6 +143,7 @@ class Predictor:
                 output_size=(H, W),
                 valid_size=(h, w),
                 category_ids=self.category_ids,
+                image_size=(int(r["height"]), int(r["width"])),
             )
             out = {"label_map": label.cpu().numpy().astype(np.int32), "segments": segments}
             if return_assignments:
@@ -208,7 +242,14 @@ def predictor_from_checkpoint(
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
     model.eval().to(device)
-    predictor = Predictor(model, manifest, cfg.model.postprocess, cfg.data.eval_size, torch.device(device))
+    predictor = Predictor(
+        model,
+        manifest,
+        cfg.model.postprocess,
+        cfg.data.eval_size,
+        torch.device(device),
+        cfg.data.eval_long_side,
+    )
     return BatchedPredictor(predictor, batch_size)
 
 

@@ -10,7 +10,12 @@ import torch
 
 from kmax_model.config_objective import LossConfig
 from kmax_model.criterion import Criterion
-from kmax_model.mask_points import mask_logits_at, sample_input_points, slot_targets_at
+from kmax_model.mask_points import (
+    mask_logits_at,
+    sample_hard_input_points,
+    sample_input_points,
+    slot_targets_at,
+)
 from kmax_model.postprocess import upsample_mask_logits
 from pipeline.augment import AugmentConfig, augment_record, build_target
 from tests.test_criterion import K, _outputs, _target, _targets
@@ -92,6 +97,87 @@ def test_slot_targets_follow_the_matching() -> None:
     expected = torch.zeros(1, 4, 5)
     expected[0, 3, 0] = expected[0, 0, 1] = expected[0, 0, 4] = 1
     torch.testing.assert_close(target, expected)
+
+
+def _flat_pixels(points, width: int, height: int) -> list[int]:
+    xy = ((points.coords[0] + 1) / 2 * torch.tensor([width - 1.0, height - 1.0])).round().long()
+    return (xy[:, 1] * width + xy[:, 0]).tolist()
+
+
+def _spill_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 20 x 30 input: GT 0 = left half, GT 1 = right half with a 4 x 5 (20 px) patch that is GT 2 (a small
+    object). Slot 0 wins on the left half, slot 1 on the whole right half, so GT 2's pixels (matched to
+    slot 2) are confidently wrong: p(slot 2) ~ e^-8 there, ~1 - e^-8 elsewhere."""
+    index = torch.zeros(1, 20, 30, dtype=torch.int64)
+    index[0, :, 15:] = 1
+    index[0, 8:12, 20:25] = 2
+    logits = torch.zeros(1, 3, 20, 30)
+    logits[0, 0, :, :15] = 8.0
+    logits[0, 1, :, 15:] = 8.0
+    return index, logits, torch.tensor([[0, 1, 2]])
+
+
+def test_hard_points_are_the_wrongly_assigned_pixels() -> None:
+    """Ratio 0.5 of 40 points with every pixel a candidate: the 20 hard points are exactly the 20 pixels
+    given to the wrong slot, the other 20 are distinct uniform picks among the rest; reproducible."""
+    index, logits, gt_to_slot = _spill_case()
+    points = sample_hard_input_points(
+        index, logits, gt_to_slot, 40, 0.5, 15.0, torch.Generator().manual_seed(0)
+    )
+    assert points.gt_index.tolist()[0][:20] == [2] * 20
+    pixels = _flat_pixels(points, 30, 20)
+    assert sorted(pixels[:20]) == [y * 30 + x for y in range(8, 12) for x in range(20, 25)]
+    assert len(set(pixels)) == 40 and 2 not in points.gt_index[0, 20:].tolist()
+    again = sample_hard_input_points(
+        index, logits, gt_to_slot, 40, 0.5, 15.0, torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(points.coords, again.coords)
+    # An unmatched GT mask's pixels are never ranked hard (no slot to be wrong about).
+    unmatched = sample_hard_input_points(index, logits, torch.tensor([[0, 1, -1]]), 40, 0.5, 15.0)
+    assert unmatched.gt_index[0, :20].tolist().count(2) < 20
+
+
+def test_hard_ratio_zero_is_the_uniform_sample_and_one_is_all_hard() -> None:
+    index, logits, gt_to_slot = _spill_case()
+    uniform = sample_input_points(index, 50, torch.Generator().manual_seed(4))
+    zero = sample_hard_input_points(index, logits, gt_to_slot, 50, 0.0, 3.0, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(zero.coords, uniform.coords)  # the first K of 3K uniform candidates
+    torch.testing.assert_close(zero.gt_index, uniform.gt_index)
+    every = sample_hard_input_points(index, logits, gt_to_slot, 30, 1.0, 1000.0)
+    assert every.gt_index[0].tolist().count(2) == 20 and len(set(_flat_pixels(every, 30, 20))) == 30
+
+
+def test_hard_sampling_raises_the_mask_id_loss_of_a_spilled_mask() -> None:
+    """Through the criterion (GT 2 matched to slot 2 by its class): the hard sample holds every wrongly
+    assigned pixel, so its mask-ID loss (mean cross-entropy over the sampled points) is ~7x the uniform
+    one."""
+    index, logits, _ = _spill_case()
+    masks = torch.stack([(index[0] == j).float() for j in range(3)])
+    target = {
+        **_target(index[0], [0, 1, 2]),
+        "input_index": index[0],
+    }
+    assert torch.equal(target["masks"], masks)
+    cls = torch.full((1, 3, K + 1), -5.0)
+    for j in range(3):
+        cls[0, j, j] = 5.0
+    outputs = {"class_logits": cls, "mask_logits": logits, "pixel_feature": torch.ones(1, 4, 20, 30)}
+    base = dataclasses.replace(INPUT_ALL, mask_loss_points=60, mask_loss_oversample=10.0, insdis_weight=0.0)
+    mask_id = {
+        ratio: float(
+            Criterion(dataclasses.replace(base, mask_loss_hard_ratio=ratio), K)(
+                outputs, [target], torch.Generator().manual_seed(2)
+            )["loss_mask_id"]
+        )
+        for ratio in (0.0, 0.75)
+    }
+    # Uniform: ~2 of 60 points on GT 2 (20 of 600 px); hard (every pixel a candidate): all 20. Each costs
+    # ~8 nats, the rest ~0: about 2.7 against 0.27.
+    assert mask_id[0.75] > 2.5 and mask_id[0.0] < 1.0
+    with pytest.raises(ValueError, match="loss.mask_loss_hard_ratio"):
+        LossConfig(mask_loss_hard_ratio=1.5)
+    with pytest.raises(ValueError, match="loss.mask_loss_oversample"):
+        LossConfig(mask_loss_oversample=0.5)
 
 
 def test_input_loss_sees_a_boundary_between_grid_points() -> None:

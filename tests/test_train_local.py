@@ -127,13 +127,15 @@ def test_kmax_evaluate_checkpoint_matches_in_process(straight, data_dir, tmp_pat
 
 
 def test_input_resolution_mask_loss_trains_through_ray(straight, data_dir, tmp_path):
-    """loss.mask_loss_at=input: the worker's collate builds input_index targets, and the per-step loss of
-    the same seed differs from the grid loss's (the dice and mask-ID terms are other quantities)."""
+    """loss.mask_loss_at=input (half the points hard-mined): the worker's collate builds input_index
+    targets, and the per-step loss of the same seed differs from the grid loss's (the dice and mask-ID terms
+    are other quantities)."""
     cfg = tiny_config(
         data_dir,
         tmp_path / "input_loss",
         "model.loss.mask_loss_at=input",
         "model.loss.mask_loss_points=256",
+        "model.loss.mask_loss_hard_ratio=0.5",
         "train.steps=2",
     )
     result = fit(cfg)
