@@ -78,11 +78,17 @@ def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(str(record_id).encode())])
 
 
+def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [H, W, 3], PIL bilinear: the training scale's resize, which evaluation at a
+    resized input (pipeline.inference, ``data.eval_long_side``) reuses so both see the same pixels."""
+    h, w = size_hw
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
 def _resize(image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     h, w = size_hw
-    img = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     lab = np.asarray(Image.fromarray(label.astype(np.int32)).resize((w, h), Image.NEAREST), dtype=np.int32)
-    return img, lab
+    return resize_image(image, size_hw), lab
 
 
 def augment_record(

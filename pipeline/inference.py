@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kmax_model.postprocess import panoptic_inference
 from kmax_model.targets import VOID_LABEL, normalize_images
+from pipeline.augment import resize_image
 from pipeline.records import decode_record, iter_records, read_manifest
 
 EVAL_PAD_MULTIPLE = 4
@@ -65,17 +65,17 @@ def eval_batch(
 ) -> tuple[torch.Tensor, list]:
     """Decoded records -> (normalised, zero-padded images [B, 3, H, W], list of (h, w) valid sizes).
 
-    With ``long_side`` each image is first resized bilinearly (`input_size`; antialiased when shrinking)
-    and the valid sizes are the resized ones."""
+    With ``long_side`` each image is first resized to `input_size` as the training scale resizes
+    (`pipeline.augment.resize_image`), and the valid sizes are the resized ones."""
     sizes = [input_size(int(r["height"]), int(r["width"]), long_side) for r in records]
     H, W = pad_size(sizes, fixed)
     images = torch.zeros(len(records), 3, H, W)
     for i, (r, size) in enumerate(zip(records, sizes)):
-        img = normalize_images(torch.from_numpy(np.array(r["image"])).permute(2, 0, 1)[None])  # 1 x 3 x h x w
-        if tuple(img.shape[-2:]) != size:
-            shrink = size[0] < img.shape[-2]
-            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-        images[i, :, : size[0], : size[1]] = img[0]
+        pixels = np.asarray(r["image"])
+        if pixels.shape[:2] != size:
+            pixels = resize_image(pixels, size)
+        img = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # 3 x h x w (a writable copy)
+        images[i, :, : size[0], : size[1]] = normalize_images(img[None])[0]
     return images, sizes
 
 
