@@ -1,4 +1,4 @@
-"""Training-time augmentation and target building; the eval-time transform.
+"""Training-time augmentation and target building (evaluation input is `pipeline.inference`).
 
 Training (`augment_record`): random scale in [min_scale, max_scale] (image bilinear, label nearest),
 random crop to ``crop_size`` with void padding at the bottom/right (padded image pixels are zero after
@@ -22,7 +22,6 @@ Both return ``{"images": float [B, 3, H, W] normalised, "targets": list[Target]}
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -269,47 +268,3 @@ def augment_dataset(ds, cfg: AugmentConfig, epoch: int, input_targets: bool = Fa
         batch_format="numpy",
         batch_size=8,
     )
-
-
-def eval_transform(
-    image: np.ndarray, label: np.ndarray, segments: list[dict], eval_size: tuple[int, int]
-) -> dict:
-    """Deterministic eval input: shrink to fit ``eval_size`` (keeping the aspect ratio; never enlarge), pad
-    bottom/right. Returns {"image" uint8 [He,We,3], "pixel_valid" bool [He,We], "resized_hw" (h, w) of the
-    real pixels, "label" (the original full-resolution label), "segments"} for PQ at the original size:
-    crop predictions to ``resized_hw`` then resize them (nearest) to ``label.shape``."""
-    eh, ew = eval_size
-    h, w = label.shape
-    scale = min(1.0, eh / h, ew / w)
-    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = image
-    if (rh, rw) != (h, w):
-        img = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
-    out = np.zeros((eh, ew, 3), np.uint8)
-    out[:rh, :rw] = img
-    real = np.zeros((eh, ew), bool)
-    real[:rh, :rw] = True
-    return {"image": out, "pixel_valid": real, "resized_hw": (rh, rw), "label": label, "segments": segments}
-
-
-class EvalCollate(NumpyBatchCollateFn):
-    """Stored rows -> {"images": float [B,3,He,We] normalised (padding 0), "items": list of eval_transform
-    dicts without the image (record_id added)}."""
-
-    def __init__(self, eval_size: tuple[int, int]):
-        self.eval_size = tuple(eval_size)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        items = []
-        for i in range(len(batch["record_id"])):
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            t = eval_transform(
-                decode_image(batch["image"][i]),
-                decode_label(batch["label"][i], h, w),
-                json.loads(str(batch["segments"][i])),
-                self.eval_size,
-            )
-            t["record_id"] = str(batch["record_id"][i])
-            items.append(t)
-        images = normalised_batch([t.pop("image") for t in items], [t["pixel_valid"] for t in items])
-        return {"images": images, "items": items}

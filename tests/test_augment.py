@@ -10,13 +10,11 @@ from kmax_model.targets import IGNORE_INDEX, VOID_LABEL
 from pipeline.augment import (
     AugmentCollate,
     AugmentConfig,
-    EvalCollate,
     TargetCollate,
     augment_dataset,
     augment_record,
     augment_rows,
     build_target,
-    eval_transform,
 )
 
 D = 256
@@ -111,18 +109,6 @@ def test_random_scale_crop_is_reproducible_per_epoch_and_record():
     assert set(np.unique(a["label_grid"]).tolist()) <= {3 * D, 1, VOID_LABEL}  # nearest: no blended ids
 
 
-def test_eval_transform_shrinks_and_pads_without_randomness():
-    image, label = _sample(60, 80)
-    t = eval_transform(image, label, SEGS, (33, 65))
-    assert t["resized_hw"] == (33, 44) and t["image"].shape == (33, 65, 3)
-    assert (
-        t["pixel_valid"][:, :44].all() and not t["pixel_valid"][:, 44:].any() and not t["image"][:, 44:].any()
-    )
-    assert t["label"] is label and t["segments"] is SEGS
-    same = eval_transform(image, label, SEGS, (64, 96))
-    assert same["resized_hw"] == (60, 80) and np.array_equal(same["image"][:60, :80], image)
-
-
 @pytest.mark.ray
 def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
     from pipeline.datasets.synthetic import make_prepared_synthetic
@@ -144,11 +130,6 @@ def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
         assert torch.equal(u["images"], v["images"])
         assert all(torch.equal(tu[k], tv[k]) for tu, tv in zip(u["targets"], v["targets"]) for k in tu)
     assert not torch.equal(a[0]["images"], c[0]["images"])  # a new epoch re-randomises
-    ev = next(
-        iter(load_dataset(data, "val").iter_torch_batches(batch_size=2, collate_fn=EvalCollate((33, 33))))
-    )
-    assert ev["images"].shape == (2, 3, 33, 33) and ev["items"][0]["label"].shape == (48, 48)
-    assert ev["items"][0]["resized_hw"] == (33, 33) and ev["items"][0]["record_id"] == "100001"
 
 
 @pytest.mark.ray
