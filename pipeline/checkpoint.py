@@ -90,12 +90,19 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = RESUME_SAFE_PREFIXES
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    ignore: Iterable[str] = RESUME_SAFE_PREFIXES,
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Dotted paths whose values differ between two nested config dicts, except the resume-safe ones.
 
-    Tuples and lists compare equal when their items do (YAML gives lists, dataclasses tuples)."""
+    Tuples and lists compare equal when their items do (YAML gives lists, dataclasses tuples). A field
+    absent from ``saved`` (added to the code after the checkpoint was written) is no difference when its
+    current value equals its value in ``defaults``: new fields default to the behaviour that came
+    before them, so the checkpoint was trained with that value."""
     a, b = flatten(saved), flatten(current)
+    d = flatten(defaults or {})
     ignore = tuple(ignore)
 
     def norm(v: Any) -> Any:
@@ -105,14 +112,21 @@ def config_differences(
     for key in sorted(set(a) | set(b)):
         if key.startswith(ignore):
             continue
+        if key not in a and key in b and key in d and norm(b[key]) == norm(d[key]):
+            continue
         if key not in a or key not in b or norm(a[key]) != norm(b[key]):
             diffs.append(f"{key}: checkpoint={a.get(key, '<absent>')!r} now={b.get(key, '<absent>')!r}")
     return diffs
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str | Path) -> None:
-    """Raise `IncompatibleCheckpointError` naming every differing field."""
-    diffs = config_differences(saved, current)
+def check_compatible(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    where: str | Path,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise `IncompatibleCheckpointError` naming every differing field (see `config_differences`)."""
+    diffs = config_differences(saved, current, defaults=defaults)
     if diffs:
         raise IncompatibleCheckpointError(
             f"refusing to resume from {where}: the configuration differs in "

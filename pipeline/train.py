@@ -130,7 +130,8 @@ def fit(
     experiment = cfg.to_dict()
     previous = latest_checkpoint(run_dir)
     if previous is not None:  # refuse before spending compute on workers
-        ckpt.check_compatible(ckpt.load_checkpoint(previous)["config"], experiment, previous.parent)
+        saved = ckpt.load_checkpoint(previous)["config"]
+        ckpt.check_compatible(saved, experiment, previous.parent, ExperimentConfig().to_dict())
         echo(f"resuming from {previous.parent}")
 
     from kmax_model.config_utils import save_yaml

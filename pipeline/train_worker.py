@@ -157,7 +157,9 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = ckpt.load_checkpoint(d)
-            ckpt.check_compatible(state["config"], loop_config["experiment"], checkpoint.path)
+            ckpt.check_compatible(
+                state["config"], loop_config["experiment"], checkpoint.path, ExperimentConfig().to_dict()
+            )
         step = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         best_pq = state["metrics"].get("best_pq", best_pq)
 

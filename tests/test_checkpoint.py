@@ -101,6 +101,19 @@ def test_incompatible_config_is_refused_naming_fields():
     ckpt.check_compatible({"a": {"b": (1, 2)}}, {"a": {"b": [1, 2]}}, "x")
 
 
+def test_field_added_after_the_checkpoint_passes_only_at_its_default():
+    saved = {"data": {"batch_size": 2}}  # written before data.eval_long_side existed
+    defaults = {"data": {"batch_size": 16, "eval_long_side": None}}
+    ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x", defaults)
+    refused = ckpt.IncompatibleCheckpointError
+    with pytest.raises(refused, match="data.eval_long_side: checkpoint='<absent>' now=960"):
+        ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": 960}}, "x", defaults)
+    with pytest.raises(refused, match="data.eval_long_side"):  # no defaults: refused
+        ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x")
+    with pytest.raises(refused, match="data.batch_size: checkpoint=2 now='<absent>'"):
+        ckpt.check_compatible(saved, {"data": {}}, "x", defaults)  # a removed field is still a difference
+
+
 def test_foreign_or_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ckpt.load_checkpoint(tmp_path)
