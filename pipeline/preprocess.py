@@ -1,10 +1,10 @@
 """`kmax prepare`: validate and convert a dataset into Parquet shards + manifest.json (Ray Data).
 
 Flow: the reader builds the record index from the annotation files (driver, cheap) -> Ray Data
-``from_items`` + ``map_batches`` decodes, validates and converts every record in parallel (order
-preserved) -> the driver streams the results back in order, assigns them to shards by cumulative size
-and writes each shard itself, row group by row group, with pyarrow and fixed writer options
-(pipeline.records.ShardWriter).
+``from_arrow`` (blocks of `block_sizes`) + ``map_batches`` decodes, validates and converts every record
+in parallel (order preserved) into Arrow tables -> the driver streams those tables back in order, assigns
+the rows to shards by cumulative size and writes each shard itself, row group by row group, with pyarrow
+and fixed writer options (pipeline.records.ShardSequence); the rows stay Arrow data from worker to file.
 Shard contents therefore depend only on the inputs and options, never on the parallelism or on Ray's
 own file naming. Everything is written to a temporary folder that replaces ``OUT/<split>`` atomically
 at the end, so a failed or ``--strict``-rejected run never touches an earlier output.
@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.datasets import cityscapes, coco
 from pipeline.datasets.coco import Index, category_lookup
@@ -31,20 +33,47 @@ from pipeline.records import (
     MANIFEST_NAME,
     QUARANTINE_NAME,
     RECORD_FIELDS,
+    RECORD_SCHEMA,
     SCHEMA_VERSION,
-    SHARD_PATTERN,
-    ShardWriter,
+    ShardSequence,
 )
 from pipeline.validation import MALFORMED_ANNOTATION, RecordError
 
 DATASETS = ("coco", "cityscapes", "cityscapes-panoptic")
-RESULT_FIELDS = ("order", "ok", "code", "file", "reason")
+RESULT_SCHEMA = pa.schema(
+    [
+        *RECORD_SCHEMA,
+        ("order", pa.int64()),
+        ("ok", pa.bool_()),
+        ("code", pa.string()),
+        ("file", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+"""A converted record plus its index position and outcome (code/file/reason empty when ok)."""
+QUARANTINE_FIELDS = ("record_id", "file", "code", "reason", "order")
 MB = 1024 * 1024
 ROWS_PER_BLOCK = 50
-"""Index rows per Ray Data input block (one conversion task each): large enough that task start-up is
+"""Most index rows per Ray Data input block (one conversion task each): large enough that task start-up is
 amortised, small enough that the blocks held back by ``preserve_order`` stay a few MB per worker.
-Measured (benchmarks/bench_preprocess.py, 200 records, 2 tasks): 10-row blocks cost 0.5 s more than
-50-row blocks (ratio to the loop 1.22x against 1.44x in the same session)."""
+Measured (benchmarks/bench_preprocess.py, 200 records, 2 tasks): 10-row blocks throughout cost 0.5 s more
+than 50-row blocks (ratio to the loop 1.22x against 1.44x in the same session)."""
+MIN_BLOCK_ROWS = 10
+"""Fewest rows of the shrinking blocks at the end of the job (`block_sizes`)."""
+
+
+def block_sizes(n: int, workers: int, max_rows: int, min_rows: int = MIN_BLOCK_ROWS) -> list[int]:
+    """Rows of each conversion task, in index order: ``max_rows`` while much work is left, then about
+    ``left / (2 * workers)`` but not below ``min_rows``, so that the last tasks are short and the workers
+    finish together (guided self-scheduling, Polychronopoulos & Kuck 1987). Equal blocks leave one worker
+    idle for up to a whole block at the end."""
+    sizes: list[int] = []
+    left = n
+    while left > 0:
+        size = min(left, max_rows, max(min_rows, -(-left // (2 * workers))))
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 @dataclass
@@ -52,10 +81,8 @@ class PrepareOptions:
     """Options of one `kmax prepare` run (recorded in the manifest, except the parallelism knobs).
 
     dataset: "coco" (COCO panoptic layout), "cityscapes" (raw gtFine) or "cityscapes-panoptic"
-    (createPanopticImgs JSON, ``panoptic_json`` overrides its default path). ``batch_size`` is the rows
-    per call of the conversion UDF (and per batch the driver writes); one call per block by default:
-    measured on 200 records (benchmarks/bench_preprocess.py), 4-row batches gave 52-63 img/s and whole
-    50-row blocks 57-75 img/s in the same session (Ray Data's per-batch cost is paid once per block).
+    (createPanopticImgs JSON, ``panoptic_json`` overrides its default path). ``block_rows`` is the most
+    rows per conversion task (one UDF call each, see `block_sizes`).
     """
 
     dataset: str
@@ -68,7 +95,7 @@ class PrepareOptions:
     panoptic_json: str | None = None
     strict: bool = False
     num_workers: int = 2
-    batch_size: int = ROWS_PER_BLOCK
+    block_rows: int = ROWS_PER_BLOCK
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -82,8 +109,8 @@ class PrepareOptions:
             raise ValueError(f"prepare.shard_mb must be > 0, got {self.shard_mb}")
         if self.num_workers < 1:
             raise ValueError(f"prepare.num_workers must be >= 1, got {self.num_workers}")
-        if self.batch_size < 1:
-            raise ValueError(f"prepare.batch_size must be >= 1, got {self.batch_size}")
+        if self.block_rows < 1:
+            raise ValueError(f"prepare.block_rows must be >= 1, got {self.block_rows}")
         if not self.split or "/" in self.split or self.split.startswith("."):
             raise ValueError(f"prepare.split must be a plain folder name, got {self.split!r}")
 
@@ -139,21 +166,12 @@ def convert_one(row: dict, ctx: ConvertContext) -> dict:
     }
 
 
-def convert_batch(batch: dict[str, np.ndarray], ctx: ConvertContext) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` UDF over index rows (numpy batch format)."""
-    keys = list(batch)
-    n = len(batch[keys[0]])
-    rows = [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
-    out = [convert_one(r, ctx) for r in rows]
-    cols = {}
-    for k in (*RECORD_FIELDS, *RESULT_FIELDS):
-        values = [o[k] for o in out]
-        cols[k] = np.array(values, dtype=object) if k in ("image", "label") else np.array(values)
-    return cols
+def convert_batch(batch: pa.Table, ctx: ConvertContext) -> pa.Table:
+    """Ray Data ``map_batches`` UDF (pyarrow batch format): index rows -> rows of `RESULT_SCHEMA`.
 
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v
+    Built straight into the fixed schema, so Ray Data infers nothing and the driver writes the columns as
+    they come."""
+    return pa.Table.from_pylist([convert_one(r, ctx) for r in batch.to_pylist()], schema=RESULT_SCHEMA)
 
 
 class _Progress:
@@ -177,7 +195,8 @@ class _Progress:
 
 
 def _ray_results(index: Index, ctx: ConvertContext, opts: PrepareOptions):
-    """Yield converted result rows in index order (Ray Data map_batches, order preserved)."""
+    """Yield `RESULT_SCHEMA` tables whose rows follow the index order (Ray Data map_batches, order
+    preserved)."""
     import ray.data
 
     from pipeline.ray_utils import init_ray
@@ -187,19 +206,25 @@ def _ray_results(index: Index, ctx: ConvertContext, opts: PrepareOptions):
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not index.rows:
         return
-    n_blocks = max(opts.num_workers, -(-len(index.rows) // ROWS_PER_BLOCK))
+    keys = list(dict.fromkeys(k for r in index.rows for k in r))
+    rows = [{k: r.get(k) for k in keys} for r in index.rows]
+    schema = pa.Table.from_pylist(rows).schema  # one schema for every block, inferred from all rows
+    blocks, start = [], 0
+    for size in block_sizes(len(rows), opts.num_workers, opts.block_rows):
+        blocks.append(pa.Table.from_pylist(rows[start : start + size], schema=schema))
+        start += size
     with ray.data.DataContext.current(_data_context()):  # captured by the Dataset; the global one is kept
-        ds = ray.data.from_items(index.rows, override_num_blocks=min(len(index.rows), n_blocks))
+        ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             convert_batch,
             fn_kwargs={"ctx": ctx},
-            batch_size=opts.batch_size,
-            batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=opts.num_workers),
+            batch_size=None,  # one call per block: a batch size would bundle small blocks into one task
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=min(opts.num_workers, len(blocks))),
             num_cpus=1,
         )
-    for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="pyarrow"):
-        yield from batch.to_pylist()
+    # batch_size=None: the blocks as the tasks made them (re-batching would only copy)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def _data_context():
@@ -250,40 +275,33 @@ def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -
         {k: q[k] for k in ("record_id", "file", "code", "reason")} | {"order": q["order"]}
         for q in index.quarantine
     ]
-    shards: list[dict] = []
-    writer: ShardWriter | None = None
+    shard_set = ShardSequence(tmp, opts.shard_mb * MB)
     done = 0
-    target = opts.shard_mb * MB
     progress = _Progress(len(index.rows), f"{opts.dataset}/{opts.split}", opts.progress)
-    expected_order = iter([r["order"] for r in index.rows])
+    expected_order = np.array([r["order"] for r in index.rows], dtype=np.int64)
     try:
-        for res in _ray_results(index, ctx, opts):
-            if res["order"] != next(expected_order):  # guards the determinism contract (preserve_order)
+        for table in _ray_results(index, ctx, opts):
+            order = table["order"].to_numpy()
+            # guards the determinism contract (preserve_order)
+            if not np.array_equal(order, expected_order[done : done + len(order)]):
                 raise RuntimeError("Ray Data returned records out of order; preserve_order must be on")
-            done += 1
-            if not res["ok"]:
-                quarantine.append({k: res[k] for k in ("record_id", "file", "code", "reason", "order")})
-            else:
-                if writer is None:
-                    writer = ShardWriter(tmp / SHARD_PATTERN.format(len(shards)))
-                writer.add({k: res[k] for k in RECORD_FIELDS})
-                if writer.nbytes >= target:
-                    shards.append(writer.close())
-                    writer = None
+            done += len(order)
+            ok = table["ok"]
+            if not pc.all(ok).as_py():  # (filter copies the columns: only when something is bad)
+                quarantine.extend(table.filter(pc.invert(ok)).select(QUARANTINE_FIELDS).to_pylist())
+                table = table.filter(ok)
+            shard_set.add(table.select(RECORD_FIELDS))
             progress.update(done, len(quarantine))
-        if writer is not None:
-            shards.append(writer.close())
-            writer = None
+        shards = shard_set.close()
     finally:
-        if writer is not None:  # an error mid-shard: close the file (the tmp folder is then removed)
-            writer.close()
+        shard_set.abort()  # after an error mid-shard: close the file (the tmp folder is then removed)
     progress.update(done, len(quarantine), final=True)
     quarantine.sort(key=lambda q: q["order"])
     with open(tmp / QUARANTINE_NAME, "w") as f:
         for q in quarantine:
             f.write(json.dumps({k: q[k] for k in ("record_id", "file", "code", "reason")}) + "\n")
     options = {
-        k: v for k, v in asdict(opts).items() if k not in ("num_workers", "batch_size", "progress", "out")
+        k: v for k, v in asdict(opts).items() if k not in ("num_workers", "block_rows", "progress", "out")
     }
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 VOID_LABEL = -1
@@ -192,55 +193,124 @@ def training_dataset(data_dir: str | Path, split: str, min_rows: int):
     return ray.data.from_arrow(copies), rows * passes, passes
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def payload_bytes(table: pa.Table) -> np.ndarray:
+    """int64 [rows]: encoded bytes of each row's image, label and segments (the measure of shard sizing)."""
+    sizes = [pc.binary_length(table[name]).to_numpy() for name in ("image", "label", "segments")]
+    return np.sum(sizes, axis=0, dtype=np.int64)
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes as they pass, so a shard's sha256 needs no read-back."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = open(path, "wb")  # noqa: SIM115 (open for the writer's life; closed by close())
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 class ShardWriter:
-    """Writes one Parquet shard row group by row group as rows arrive (so a streaming job has no long write
-    at its end), with the fixed writer options; the bytes equal a one-shot write of the same rows.
+    """Writes one Parquet shard in row groups of `ROW_GROUP_SIZE` rows as Arrow tables of `RECORD_SCHEMA`
+    arrive (so a streaming job has no long write at its end), with the fixed writer options; the bytes equal
+    a one-shot write of the same rows, however they were split into tables.
 
-    ``add(row)`` takes a dict with `RECORD_FIELDS`; ``close()`` returns the manifest entry
-    {"file", "rows", "sha256", "bytes"}; ``nbytes`` is the encoded payload added so far (for shard sizing).
+    ``add(table)``; ``close()`` returns the manifest entry {"file", "rows", "sha256", "bytes"}; ``nbytes`` is
+    the `payload_bytes` added so far (for shard sizing).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows = 0
         self.nbytes = 0
-        self._pending: list[dict] = []
-        self._writer = pq.ParquetWriter(str(self.path), RECORD_SCHEMA, **PARQUET_WRITE_OPTIONS)
+        self._pending = RECORD_SCHEMA.empty_table()
+        self._file = _HashingFile(self.path)
+        self._writer = pq.ParquetWriter(self._file, RECORD_SCHEMA, **PARQUET_WRITE_OPTIONS)
 
-    def add(self, row: dict) -> None:
-        self._pending.append(row)
-        self.rows += 1
-        self.nbytes += len(row["image"]) + len(row["label"]) + len(row["segments"])
-        if len(self._pending) == ROW_GROUP_SIZE:
-            self._flush()
+    def add(self, table: pa.Table, nbytes: int | None = None) -> None:
+        """Append rows; ``nbytes`` is their `payload_bytes` sum when the caller has it already."""
+        self.rows += table.num_rows
+        self.nbytes += int(payload_bytes(table).sum()) if nbytes is None else nbytes
+        self._pending = pa.concat_tables([self._pending, table])
+        while self._pending.num_rows >= ROW_GROUP_SIZE:
+            self._write_group(self._pending.slice(0, ROW_GROUP_SIZE))
+            self._pending = self._pending.slice(ROW_GROUP_SIZE)
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=RECORD_SCHEMA))
-            self._pending = []
+    def _write_group(self, table: pa.Table) -> None:
+        # one contiguous chunk per column: the writer ends data pages at chunk boundaries, so the bytes would
+        # otherwise depend on how the rows arrived
+        self._writer.write_table(table.combine_chunks())
 
     def close(self) -> dict:
-        self._flush()
+        if self._pending.num_rows:
+            self._write_group(self._pending)
         self._writer.close()
+        self._file.close()
         return {
             "file": self.path.name,
             "rows": self.rows,
-            "sha256": file_sha256(self.path),
-            "bytes": self.path.stat().st_size,
+            "sha256": self._file.sha256.hexdigest(),
+            "bytes": self._file.size,
         }
+
+
+class ShardSequence:
+    """The shards of one split in a folder (`SHARD_PATTERN` names): rows are appended in record order and a
+    shard is closed after the row whose `payload_bytes` take it to ``target_bytes`` or more, so the layout
+    depends only on the rows and the target.
+
+    ``add(table)`` (rows of `RECORD_SCHEMA`), ``close()`` -> the manifest entries, ``abort()`` closes an open
+    file after an error (its folder is then discarded by the caller).
+    """
+
+    def __init__(self, folder: str | Path, target_bytes: float):
+        self.folder = Path(folder)
+        self.target = target_bytes
+        self.entries: list[dict] = []
+        self._writer: ShardWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        sizes = payload_bytes(table)
+        while table.num_rows:
+            if self._writer is None:
+                self._writer = ShardWriter(self.folder / SHARD_PATTERN.format(len(self.entries)))
+            full = np.flatnonzero(self._writer.nbytes + np.cumsum(sizes) >= self.target)
+            n = int(full[0]) + 1 if full.size else table.num_rows
+            self._writer.add(table.slice(0, n), int(sizes[:n].sum()))
+            table, sizes = table.slice(n), sizes[n:]
+            if full.size:
+                self.entries.append(self._writer.close())
+                self._writer = None
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self.entries.append(self._writer.close())
+            self._writer = None
+        return self.entries
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def write_shard(rows: list[dict], path: str | Path) -> dict:
     """Write rows (dicts with `RECORD_FIELDS`) as one shard; returns its manifest entry (`ShardWriter`)."""
     writer = ShardWriter(path)
-    for row in rows:
-        writer.add(row)
+    writer.add(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
     return writer.close()

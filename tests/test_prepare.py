@@ -9,7 +9,7 @@ import pytest
 from pipeline.cli import main as kmax_main
 from pipeline.datasets.synth_draw import SceneConfig
 from pipeline.datasets.synthetic import generate
-from pipeline.preprocess import PrepareOptions, prepare
+from pipeline.preprocess import PrepareOptions, block_sizes, prepare
 from pipeline.records import decode_record, iter_records, read_manifest
 
 pytestmark = pytest.mark.ray
@@ -41,7 +41,7 @@ def test_identical_shards_for_any_worker_count(raw, ray_session, tmp_path):
                 str(tmp_path / f"o{w}_{b}"),
                 shard_mb=0.02,
                 num_workers=w,
-                batch_size=b,
+                block_rows=b,
                 progress=False,
             )
         )
@@ -97,3 +97,12 @@ def test_bad_input_names_the_problem_and_keeps_output(raw, tmp_path, capsys):
         PrepareOptions("coco", str(raw), "val", str(out), max_size=2)
     with pytest.raises(ValueError, match="prepare.dataset"):
         PrepareOptions("voc", str(raw), "val", str(out))
+
+
+def test_block_sizes_shrink_towards_the_end():
+    # 200 rows on 2 workers: 50-row blocks while left / 4 >= 50, then left / 4 rounded up, at least 10
+    assert block_sizes(200, 2, 50) == [50, 38, 28, 21, 16, 12, 10, 10, 10, 5]
+    big = block_sizes(1000, 2, 50)
+    assert sum(big) == 1000 and big[:17] == [50] * 17 and max(big[17:]) == 38
+    assert block_sizes(20, 2, 50) == [10, 10]  # a small split still gives every worker a task
+    assert block_sizes(7, 2, 50) == [7] and block_sizes(5, 3, 1) == [1] * 5 and block_sizes(0, 2, 50) == []

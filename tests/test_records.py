@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -74,6 +75,55 @@ def test_shards_are_byte_identical_and_decode(tmp_path):
     assert got[0]["segments"][0]["source_id"] == 1234
     src = records.source_id_map(got[0]["label"], got[0]["segments"])
     assert src.tolist() == [[1234, 1234, 0], [1234, 0, 0]]
+
+
+def test_shard_bytes_do_not_depend_on_how_rows_arrive(tmp_path):
+    """Rows fed as tables of any split give the bytes of a one-shot write, and the manifest hash is the
+    file's (computed while writing, not read back)."""
+    import pyarrow as pa
+
+    label = np.array([[1281, 1281, -1], [1281, 3, 3]], np.int32)
+    rng = np.random.default_rng(0)
+    # images of 100-400 kB (the writer stores them as they are): data pages (1 MiB) then end inside row
+    # groups, where a writer fed chunked columns would cut them differently
+    rows = [
+        _row(0, label) | {"record_id": str(i), "image": rng.bytes(int(rng.integers(100_000, 400_000)))}
+        for i in range(records.ROW_GROUP_SIZE + 9)
+    ]
+    one = records.write_shard(rows, tmp_path / "one.parquet")
+    table = pa.Table.from_pylist(rows, schema=records.RECORD_SCHEMA)
+    writer = records.ShardWriter(tmp_path / "pieces.parquet")
+    for a, b in ((0, 1), (1, 40), (40, 40), (40, 70), (70, len(rows))):
+        writer.add(table.slice(a, b - a))
+    pieces = writer.close()
+    data = (tmp_path / "pieces.parquet").read_bytes()
+    assert data == (tmp_path / "one.parquet").read_bytes()
+    assert pieces == {**one, "file": "pieces.parquet"}
+    assert pieces["sha256"] == hashlib.sha256(data).hexdigest() and pieces["bytes"] == len(data)
+    assert pieces["rows"] == len(rows) and writer.nbytes == int(records.payload_bytes(table).sum())
+
+
+def test_shard_sequence_closes_a_shard_at_the_row_reaching_the_target(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    label = np.zeros((2, 3), np.int32)
+    table = pa.Table.from_pylist([_row(i, label) for i in range(7)], schema=records.RECORD_SCHEMA)
+    size = records.payload_bytes(table)
+    expected_size = [len(r["image"]) + len(r["label"]) + len(r["segments"]) for r in table.to_pylist()]
+    assert size.tolist() == expected_size
+    # target = rows 0-1 plus half of row 2: shard 0 ends with row 2 (the row that reaches the target)
+    target = size[0] + size[1] + size[2] / 2
+    seq = records.ShardSequence(tmp_path, target)
+    seq.add(table.slice(0, 1))
+    seq.add(table.slice(1, 6))  # crosses the target inside this table
+    seq.add(table.slice(7))  # empty
+    entries = seq.close()
+    # shard 1 closes at row 5 the same way; row 6 alone is the last shard, closed by close()
+    assert [e["rows"] for e in entries] == [3, 3, 1]
+    assert [e["file"] for e in entries] == [f"shard-0000{i}.parquet" for i in range(3)]
+    got = [r["record_id"] for r in pq.read_table(tmp_path / "shard-00001.parquet").to_pylist()]
+    assert got == ["3", "4", "5"]
 
 
 def test_read_manifest_errors_name_the_path(tmp_path):
