@@ -207,12 +207,10 @@ def _ray_results(index: Index, ctx: ConvertContext, opts: PrepareOptions):
     if not index.rows:
         return
     keys = list(dict.fromkeys(k for r in index.rows for k in r))
-    rows = [{k: r.get(k) for k in keys} for r in index.rows]
-    schema = pa.Table.from_pylist(rows).schema  # one schema for every block, inferred from all rows
-    blocks, start = [], 0
-    for size in block_sizes(len(rows), opts.num_workers, opts.block_rows):
-        blocks.append(pa.Table.from_pylist(rows[start : start + size], schema=schema))
-        start += size
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in index.rows])
+    sizes = block_sizes(table.num_rows, opts.num_workers, opts.block_rows)
+    # zero-copy slices; Ray's Arrow serializer ships only each slice's part of the buffers
+    blocks = [table.slice(start, n) for start, n in zip(np.cumsum([0, *sizes[:-1]]), sizes)]
     with ray.data.DataContext.current(_data_context()):  # captured by the Dataset; the global one is kept
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
