@@ -34,9 +34,10 @@ class Target(TypedDict):
 
     Keys:
         masks:    float32 [M, h, w], one binary mask per segment to predict: every non-crowd thing
-                  instance and one mask per stuff class present. Crowd and void pixels belong to no mask.
+                  instance and one mask per stuff class present. Crowd and void pixels belong to no mask
+                  (unless the data pipeline is told to train crowd regions as masks of their class).
         labels:   int64 [M], contiguous class id of each mask.
-        valid:    bool [h, w], False on void and crowd pixels (v(p) in the reference losses).
+        valid:    bool [h, w], False on the pixels of no mask: void and crowd (v(p) in the reference losses).
         semantic: int64 [h, w], contiguous class id of every labelled pixel (crowd pixels keep their
                   class), ``IGNORE_INDEX`` on void.
         area:     float32 [h, w], pixel count (at this grid) of the mask containing each pixel; 0 where

@@ -41,7 +41,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation; crop_size is (height, width) (an int means a square)."""
+    """Training augmentation and targets; crop_size is (height, width) (an int means a square).
+
+    ``crowd_as_ignore`` (deeplab2's ``treat_crowd_as_ignore``, default True as both references train):
+    crowd pixels are in no mask and ignored by the mask losses. False makes each crowd region one more
+    mask of its class, so the model is told what covers those pixels. The official PQ does not remove a
+    predicted segment's crowd pixels from its IoU, so a thing next to a crowd region is scored with
+    whatever the unsupervised crowd pixels got (the COCO sample's ball beside a person crowd: IoU 0.45
+    with crowd ignored); a segment predicted on the crowd region itself is ignored, not a false positive.
+    """
 
     crop_size: tuple[int, int] | int = (97, 97)
     min_scale: float = 0.5
@@ -49,6 +57,7 @@ class AugmentConfig:
     flip_prob: float = 0.5
     output_stride: int = 4
     seed: int = 0
+    crowd_as_ignore: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.crop_size, int):
@@ -130,12 +139,16 @@ def augment_record(
 
 
 def build_target(
-    label_grid: np.ndarray, segments: list[dict], label_input: np.ndarray | None = None
+    label_grid: np.ndarray,
+    segments: list[dict],
+    label_input: np.ndarray | None = None,
+    crowd_as_ignore: bool = True,
 ) -> Target:
     """Target (kmax_model.targets) from a label map at the output grid and the record's segments.
 
-    One mask per non-crowd segment present on the grid (things: one per instance; stuff: one per class,
-    since a stuff class has a single segment), in the record's segment order. With ``label_input`` (the
+    One mask per segment present on the grid (things: one per instance; stuff: one per class, since a
+    stuff class has a single segment), in the record's segment order; crowd segments are left out (their
+    pixels invalid) unless ``crowd_as_ignore`` is False (see `AugmentConfig`). With ``label_input`` (the
     same crop at input resolution) the target also holds ``input_index``: each input pixel's mask index.
     """
     import torch
@@ -157,7 +170,7 @@ def build_target(
             continue
         m = label_grid == sid
         semantic[m] = seg["class_id"]
-        if seg.get("iscrowd", 0):
+        if crowd_as_ignore and seg.get("iscrowd", 0):
             continue
         valid |= m
         area[m] = present[sid]
@@ -202,12 +215,17 @@ def normalised_batch(images: list[np.ndarray], valid: list[np.ndarray]):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def collate_augmented(batch: dict) -> dict:
+def collate_augmented(batch: dict, crowd_as_ignore: bool = True) -> dict:
     """Augmented rows (numpy batch) -> {"images": float [B,3,Hc,Wc] normalised, "targets": list[Target]}.
     Targets get ``input_index`` when the rows have a "label_input" column."""
     inputs = batch.get("label_input")
     targets = [
-        build_target(np.asarray(g), _segments_list(s), None if inputs is None else np.asarray(inputs[i]))
+        build_target(
+            np.asarray(g),
+            _segments_list(s),
+            None if inputs is None else np.asarray(inputs[i]),
+            crowd_as_ignore,
+        )
         for i, (g, s) in enumerate(zip(batch["label_grid"], batch["segments"]))
     ]
     return {"images": normalised_batch(list(batch["image"]), list(batch["pixel_valid"])), "targets": targets}
@@ -249,14 +267,18 @@ class AugmentCollate(NumpyBatchCollateFn):
         self.cfg, self.epoch, self.passes, self.input_targets = cfg, epoch, passes, input_targets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_augmented(augment_rows(batch, self.cfg, self.epoch, self.passes, self.input_targets))
+        rows = augment_rows(batch, self.cfg, self.epoch, self.passes, self.input_targets)
+        return collate_augmented(rows, self.cfg.crowd_as_ignore)
 
 
 class TargetCollate(NumpyBatchCollateFn):
     """``iter_torch_batches(collate_fn=TargetCollate())`` over rows of `augment_dataset`."""
 
+    def __init__(self, crowd_as_ignore: bool = True):
+        self.crowd_as_ignore = crowd_as_ignore
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_augmented(batch)
+        return collate_augmented(batch, self.crowd_as_ignore)
 
 
 def augment_dataset(ds, cfg: AugmentConfig, epoch: int, input_targets: bool = False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,22 @@ def test_build_target_hand_computed():
         build_target(np.array([[77]], np.int32), SEGS)
     empty = build_target(np.full((2, 2), VOID_LABEL, np.int32), SEGS)
     assert empty["masks"].shape == (0, 2, 2) and empty["labels"].shape == (0,)
+
+    # crowd_as_ignore=False: the crowd region is one more mask of its class, in segment order, and valid
+    crowd = build_target(g, SEGS, label_input=np.kron(g, np.ones((2, 2), np.int32)), crowd_as_ignore=False)
+    assert crowd["labels"].tolist() == [3, 0, 0, 1]
+    assert crowd["masks"][2].int().tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    assert crowd["valid"].tolist() == [[True] * 4, [True] * 4, [False, True, True, True]]
+    assert crowd["area"][1].tolist() == [4, 2, 2, 3]
+    assert crowd["input_index"][2:4, 2:6].tolist() == [[2, 2, 2, 2]] * 2
+    rows = {  # the collates pass the choice on
+        "label_grid": g[None],
+        "segments": np.array([json.dumps(SEGS)]),
+        "image": np.zeros((1, 3, 4, 3), np.uint8),
+        "pixel_valid": np.ones((1, 3, 4), bool),
+    }
+    assert TargetCollate()(rows)["targets"][0]["labels"].tolist() == [3, 0, 1]
+    assert TargetCollate(crowd_as_ignore=False)(rows)["targets"][0]["labels"].tolist() == [3, 0, 0, 1]
 
 
 def _sample(h=30, w=40):
