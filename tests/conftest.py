@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,36 @@ def ray_session():
     ray = init_ray(RayConfig(num_cpus=4, object_store_gb=1.5))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _free_leftover_placement_groups(request):
+    """After a test on the shared Ray instance, remove any placement group still alive.
+
+    A Tune or Train run interrupted by a failing test can leave its placement groups reserving every
+    logical CPU; every later Ray test would then wait forever for a CPU (seen: `ray.data.from_arrow`'s
+    metadata task blocked). Removing them (which also ends the actors in them) keeps one failed test from
+    hanging the rest of the session.
+    """
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    if not ray.is_initialized():
+        return
+    alive = [pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"]
+    for pg in alive:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+    if alive:
+        message = f"{request.node.nodeid} left {len(alive)} placement group(s) alive; removed them"
+        warnings.warn(message, stacklevel=1)
+        deadline = time.monotonic() + 30.0  # the removal returns the CPUs asynchronously
+        total = ray.cluster_resources().get("CPU", 0.0)
+        while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
