@@ -37,7 +37,7 @@ def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
     """The same work as one Ray worker (augment + forward/backward + AdamW) in this process; no Ray."""
     from kmax_model.criterion import build_criterion
     from kmax_model.model import build_model
-    from pipeline.augment import augment_rows, collate_augmented
+    from pipeline.augment import AugmentCollate
     from pipeline.optim import build_optimizer, build_scheduler
     from pipeline.records import iter_records
 
@@ -55,7 +55,7 @@ def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
         start = (step * bs) % (len(rows) - bs + 1)
         chunk = rows[start : start + bs]
         batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
-        data = collate_augmented(augment_rows(batch, cfg.data.augment, step * bs // len(rows)))
+        data = AugmentCollate(cfg.data.augment, step * bs // len(rows))(batch)
         t1 = time.perf_counter()
         losses = crit(model(data["images"]), data["targets"])
         opt.zero_grad()

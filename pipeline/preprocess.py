@@ -269,10 +269,7 @@ def prepare(opts: PrepareOptions) -> dict:
 
 
 def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -> dict:
-    quarantine = [
-        {k: q[k] for k in ("record_id", "file", "code", "reason")} | {"order": q["order"]}
-        for q in index.quarantine
-    ]
+    quarantine = [{k: q[k] for k in QUARANTINE_FIELDS} for q in index.quarantine]
     shard_set = ShardSequence(tmp, opts.shard_mb * MB)
     done = 0
     progress = _Progress(len(index.rows), f"{opts.dataset}/{opts.split}", opts.progress)
