@@ -2,7 +2,7 @@
 
     python ablations/compare.py --sweep assignment [--run-dir runs/sweeps/assignment] [--tracking-uri URI]
 
-All options: ``kmax compare --help`` (pipeline/report.py).
+All options: ``kmax compare --help`` (pipeline/sweep/report.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from pipeline import report  # noqa: E402
+from pipeline.sweep import report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """The named ablation studies of the kMaX / CMT clustering design.
 
-Each function returns a `pipeline.study.Study`: a grid over dotted config paths, replicated over
+Each function returns a `pipeline.sweep.study.Study`: a grid over dotted config paths, replicated over
 seeds. Add a study by writing one more function here (or in your own module and passing
 ``--study mymodule:myfunction``).
 """
 
 from __future__ import annotations
 
-from pipeline.study import Study
+from pipeline.sweep.study import Study
 
 ASSIGNMENT = "model.decoder.assignment"
 COORD_CONV = "model.decoder.coord_conv"

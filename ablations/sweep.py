@@ -4,7 +4,7 @@
     ray submit cluster.yaml ablations/sweep.py -- --study assignment --ray-address auto
 
 Under `ray submit` (RAY_ADDRESS set, or ``--ray-address auto``) it joins the running cluster; otherwise
-it starts a local Ray. All options: ``kmax sweep --help`` (pipeline/sweep.py).
+it starts a local Ray. All options: ``kmax sweep --help`` (pipeline/sweep/driver.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from pipeline import sweep  # noqa: E402
+from pipeline.sweep import driver as sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

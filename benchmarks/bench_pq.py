@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.pq import VOID_LABEL, pq_image_stats  # noqa: E402
-from pipeline.pq_files import FilePair, file_pair_stats  # noqa: E402
+from pipeline.eval.pq import VOID_LABEL, pq_image_stats  # noqa: E402
+from pipeline.eval.pq_files import FilePair, file_pair_stats  # noqa: E402
 
 SIZES = {"cityscapes": ((1024, 2048), 60), "coco": ((480, 640), 20)}
 NUM_STUFF = 11
@@ -213,7 +213,7 @@ def bench_size(name: str, count: int, repeats: int, tmp: Path, rng: np.random.Ge
 
 
 def _cats():
-    from pipeline.pq import normalize_categories
+    from pipeline.eval.pq import normalize_categories
 
     return {c.id: c for c in normalize_categories(CATEGORIES)}
 
@@ -221,9 +221,9 @@ def _cats():
 def bench_ray(count: int, tmp: Path, rng: np.random.Generator, num_cpus: int | None) -> None:
     import json
 
-    from pipeline.evaluate import evaluate_files
-    from pipeline.pq import pq_compute_files
-    from pipeline.ray_utils import RayConfig, init_ray
+    from pipeline.eval.evaluate import evaluate_files
+    from pipeline.eval.pq import pq_compute_files
+    from pipeline.ray_setup import RayConfig, init_ray
 
     (h, w), nseg = SIZES["coco"]
     root = tmp / "ray"

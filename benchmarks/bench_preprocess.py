@@ -1,9 +1,9 @@
 """Throughput of `kmax prepare` (Ray Data) against the same per-record function in a plain loop.
 
 Writes N synthetic COCO-layout images (default 200 at 512x1024) to a temporary folder, then measures
-1. the single-process loop: `pipeline.preprocess.convert_one` over every index row (no shard writing),
+1. the single-process loop: `pipeline.data.prepare.convert_one` over every index row (no shard writing),
 2. the same function in ``--workers`` forked processes (no Ray, no writing): the machine's own scaling, and
-3. the Ray Data job: `pipeline.preprocess.prepare` end to end (index, parallel convert, ordered shard
+3. the Ray Data job: `pipeline.data.prepare.prepare` end to end (index, parallel convert, ordered shard
    writing, manifest), with Ray already started and its workers warmed by an identical untimed run,
 in ``--rounds`` interleaved rounds, and prints the median images/s of each and the ratios to the loop
 (per round and their median). Usage::
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def _convert_ok(item) -> bool:
-    from pipeline.preprocess import convert_one
+    from pipeline.data.prepare import convert_one
 
     row, ctx = item
     return bool(convert_one(row, ctx)["ok"])
@@ -39,12 +39,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved (loop, forked, Ray) rounds")
     args = parser.parse_args()
 
-    from pipeline.datasets.coco import category_lookup
-    from pipeline.datasets.panoptic import ConvertContext
-    from pipeline.datasets.synth_draw import SceneConfig
-    from pipeline.datasets.synthetic import generate
-    from pipeline.preprocess import PrepareOptions, build_index, convert_one, prepare
-    from pipeline.ray_utils import RayConfig, init_ray
+    from pipeline.data.coco import category_lookup
+    from pipeline.data.panoptic import ConvertContext
+    from pipeline.data.prepare import PrepareOptions, build_index, convert_one, prepare
+    from pipeline.data.scene import SceneConfig
+    from pipeline.data.synthetic import generate
+    from pipeline.ray_setup import RayConfig, init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     try:

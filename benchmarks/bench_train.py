@@ -3,7 +3,8 @@
 Every configuration trains the `tiny` preset on the same synthetic images with the same per-worker batch:
 
     plain loop, T threads          augment + forward/backward + AdamW in this process, no Ray
-    Ray Train 1 worker, T threads  `pipeline.train.fit` (Ray Data shard, MLflow logging, checkpoints off)
+    Ray Train 1 worker, T threads  `pipeline.train.driver.fit` (Ray Data shard, MLflow logging, checkpoints
+    off)
     Ray Train 2 workers, 1 thread  DDP over gloo, one core each
 
 for T = 1 and 2, and prints images/s two ways: the median of the per-step rates (the loop's own
@@ -37,9 +38,9 @@ def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
     """The same work as one Ray worker (augment + forward/backward + AdamW) in this process; no Ray."""
     from kmax_model.criterion import build_criterion
     from kmax_model.model import build_model
-    from pipeline.augment import AugmentCollate
-    from pipeline.optim import build_optimizer, build_scheduler
-    from pipeline.records import iter_records
+    from pipeline.data.augment import AugmentCollate
+    from pipeline.data.records import iter_records
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
@@ -74,7 +75,7 @@ def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
 def ray_run(cfg) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import fit
+    from pipeline.train.driver import fit
 
     summary = fit(cfg, echo=lambda s: None)
     client = MlflowClient(summary.tracking_uri)
@@ -99,8 +100,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline.config import load_experiment
-    from pipeline.datasets.synthetic import make_prepared_synthetic
-    from pipeline.ray_utils import RayConfig, init_ray
+    from pipeline.data.synthetic import make_prepared_synthetic
+    from pipeline.ray_setup import RayConfig, init_ray
 
     init_ray(RayConfig(num_cpus=4))
     results: dict[str, dict[str, float]] = {}

@@ -98,7 +98,7 @@ def _check_input_index(targets: list[Target], grid: tuple[int, int]) -> None:
         if "input_index" not in target:
             raise ValueError(
                 f"targets[{index}] lacks 'input_index', which loss.mask_loss_at='input' needs "
-                "(pipeline.augment builds it when the collate is made with input_targets=True)"
+                "(pipeline.data.augment builds it when the collate is made with input_targets=True)"
             )
         shape = tuple(target["input_index"].shape)
         if len(shape) != 2 or shape[0] < grid[0] or shape[1] < grid[1]:

@@ -1,6 +1,6 @@
 """The training-target contract between the data pipeline and the criterion.
 
-`pipeline.augment` builds one `Target` per image at the model's output-stride grid (strided
+`pipeline.data.augment` builds one `Target` per image at the model's output-stride grid (strided
 subsampling of the full-resolution panoptic label, as deeplab2 and bytedance/kmax-deeplab do);
 `kmax_model.criterion` consumes a list of them, one per image of the batch.
 

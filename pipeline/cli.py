@@ -14,14 +14,14 @@ import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("pipeline.datasets.synthetic", "write a deterministic synthetic panoptic dataset"),
-    "prepare": ("pipeline.preprocess", "validate and convert a dataset to Parquet shards (Ray Data)"),
-    "train": ("pipeline.train", "train a kMaX model with Ray Train, tracked in MLflow"),
-    "evaluate": ("pipeline.evaluate", "panoptic quality, mIoU and mask AP of predictions or a checkpoint"),
-    "sweep": ("pipeline.sweep", "run an ablation study as a Ray Tune sweep"),
-    "compare": ("pipeline.report", "write the comparison report of a sweep from MLflow"),
-    "dashboard": ("pipeline.dashboard", "serve the MLflow UI over the project's tracking store"),
-    "demo": ("pipeline.demo", "synthetic data -> prepare -> assignment study -> comparison report"),
+    "synth": ("pipeline.data.synthetic", "write a deterministic synthetic panoptic dataset"),
+    "prepare": ("pipeline.data.prepare", "validate and convert a dataset to Parquet shards (Ray Data)"),
+    "train": ("pipeline.train.driver", "train a kMaX model with Ray Train, tracked in MLflow"),
+    "evaluate": ("pipeline.eval.evaluate", "PQ, mIoU and mask AP of predictions or a checkpoint"),
+    "sweep": ("pipeline.sweep.driver", "run an ablation study as a Ray Tune sweep"),
+    "compare": ("pipeline.sweep.report", "write the comparison report of a sweep from MLflow"),
+    "dashboard": ("pipeline.sweep.dashboard", "serve the MLflow UI over the project's tracking store"),
+    "demo": ("pipeline.sweep.demo", "synthetic data -> prepare -> assignment study -> comparison report"),
 }
 
 
@@ -48,7 +48,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.ray_utils import QUIET_ENV
+    from pipeline.ray_setup import QUIET_ENV
 
     for key, value in QUIET_ENV.items():  # before anything imports mlflow or ray
         os.environ.setdefault(key, value)

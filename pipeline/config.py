@@ -1,7 +1,7 @@
 """`ExperimentConfig`: everything one training run needs, as nested typed dataclasses.
 
 Sections: ``model`` (kmax_model `KMaXConfig`), ``data`` (prepared dataset, splits, batch sizes,
-augmentation = pipeline.augment `AugmentConfig`), ``train`` (optimiser, schedule, precision, cadence),
+augmentation = pipeline.data.augment `AugmentConfig`), ``train`` (optimiser, schedule, precision, cadence),
 ``scaling`` (Ray Train workers), ``fault`` (restarts), ``tracking`` (MLflow), ``ray`` (how to reach
 Ray), ``run_dir``. Loaded from a preset name or a YAML file, then dotted ``--set`` overrides
 (``train.lr=1e-3``) through kmax_model.config_utils; errors name the dotted field.
@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from kmax_model.config import KMaXConfig, preset
 from kmax_model.config_utils import apply_overrides, config_from_dict, config_to_dict, load_yaml
-from pipeline.augment import AugmentConfig
-from pipeline.ray_utils import RayConfig
+from pipeline.data.augment import AugmentConfig
+from pipeline.ray_setup import RayConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -41,14 +41,14 @@ class DataConfig:
         batch_size: images per worker per micro-batch (global batch = batch_size x workers x grad_accum).
         eval_batch_size: images per worker per evaluation batch.
         eval_size: (H, W) every image is padded to for evaluation (a larger image is refused); None = each
-            image padded to the smallest ``4k + 1`` size holding it (pipeline.inference). A model
+            image padded to the smallest ``4k + 1`` size holding it (pipeline.eval.predictor). A model
             with global attention sees the padding, so evaluating at the training canvas can score higher:
             the COCO-sample overfit model gave PQ 80.7 dynamic and 82.2 at its 433 x 641 crop.
         eval_long_side: resize each image (bilinear, aspect ratio kept) so its long side has this many pixels
             before padding, and its mask logits back to the stored size before the panoptic merge (PQ is
             scored at the stored resolution); None = as stored. The references evaluate COCO so, at the
             training resolution (long side resized to the 1281 crop); match it to the augment's scale.
-        augment: training-time augmentation (pipeline.augment).
+        augment: training-time augmentation (pipeline.data.augment).
         thing_class_ids: contiguous ids of thing classes; set from the manifest by `bind_manifest`.
         num_vis_images: validation images drawn in the prediction grid artifact.
         min_epoch_rows: a training split with fewer records is repeated inside one data epoch (each copy

@@ -41,7 +41,7 @@ def checkpoint_keys_dir() -> Path:
 def ray_session():
     """One local Ray instance for the whole test session (4 logical CPUs on the 2-core CI machine so
     that nested Train + Data tasks are never starved), shut down at the end."""
-    from pipeline.ray_utils import RayConfig, init_ray
+    from pipeline.ray_setup import RayConfig, init_ray
 
     ray = init_ray(RayConfig(num_cpus=4, object_store_gb=1.5))
     yield ray

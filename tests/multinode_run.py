@@ -13,15 +13,15 @@ import sys
 
 NODE_CPUS = 1
 """Logical CPUs per node, as the issue asks: 0.5 for the train worker and 0.5 left over. The 8-record test
-split is below ``data.min_epoch_rows``, so training reads it through ``from_arrow`` (pipeline.records.
+split is below ``data.min_epoch_rows``, so training reads it through ``from_arrow`` (pipeline.data.records.
 training_dataset) and no read task needs a CPU of its own."""
 
 
 def main(data_dir: str, run_dir: str, out: str) -> int:
     from ray.cluster_utils import Cluster
 
-    from pipeline.ray_utils import RayConfig, init_ray, quiet_environment
-    from pipeline.train import fit
+    from pipeline.ray_setup import RayConfig, init_ray, quiet_environment
+    from pipeline.train.driver import fit
     from tests.train_helpers import metric_steps, tiny_config
 
     quiet_environment()

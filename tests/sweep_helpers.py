@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.study import Study
-from pipeline.sweep import DONE_FILE, SweepSummary, run_sweep
+from pipeline.sweep.driver import DONE_FILE, SweepSummary, run_sweep
+from pipeline.sweep.study import Study
 
 STUDY = Study("t_assign", {"model.decoder.assignment": ["argmax", "cluster_softmax"]})
 KEPT = "assignment=argmax__seed0"
@@ -49,7 +49,7 @@ _CACHE: dict[str, SharedSweep] = {}
 
 def shared_sweep(tmp_path_factory) -> SharedSweep:
     if "sweep" not in _CACHE:
-        from pipeline.datasets.synthetic import make_prepared_synthetic
+        from pipeline.data.synthetic import make_prepared_synthetic
 
         root = tmp_path_factory.mktemp("shared_sweep")
         data = make_prepared_synthetic(root / "data", train=8, val=4, height=48, width=48, seed=0)

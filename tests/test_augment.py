@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kmax_model.targets import IGNORE_INDEX, VOID_LABEL
-from pipeline.augment import (
+from pipeline.data.augment import (
     AugmentCollate,
     AugmentConfig,
     TargetCollate,
@@ -129,8 +129,8 @@ def test_random_scale_crop_is_reproducible_per_epoch_and_record():
 
 @pytest.mark.ray
 def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
-    from pipeline.datasets.synthetic import make_prepared_synthetic
-    from pipeline.records import load_dataset
+    from pipeline.data.records import load_dataset
+    from pipeline.data.synthetic import make_prepared_synthetic
 
     data = make_prepared_synthetic(tmp_path, train=6, val=2, height=48, width=48, progress=False)
     ds = load_dataset(data, "train", lazy=False)
@@ -154,8 +154,8 @@ def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
 def test_small_split_is_repeated_within_an_epoch_with_distinct_augmentations(ray_session, tmp_path):
     """training_dataset repeats a split smaller than min_rows (passes = ceil(min_rows / rows)); every copy
     of a record is augmented as its own epoch (epoch * passes + pass), so copies differ and epochs too."""
-    from pipeline.datasets.synthetic import make_prepared_synthetic
-    from pipeline.records import PASS_COLUMN, training_dataset
+    from pipeline.data.records import PASS_COLUMN, training_dataset
+    from pipeline.data.synthetic import make_prepared_synthetic
 
     data = make_prepared_synthetic(tmp_path, train=3, val=1, height=48, width=48, progress=False)
     ds, rows, passes = training_dataset(data, "train", min_rows=8)
@@ -180,7 +180,7 @@ def test_normalised_batch_equals_the_model_normalisation_bit_for_bit():
     import torch
 
     from kmax_model.targets import normalize_images
-    from pipeline.augment import normalised_batch
+    from pipeline.data.augment import normalised_batch
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(3)]

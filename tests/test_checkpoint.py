@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoint as ckpt
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.optim import build_optimizer, build_scheduler
 
 
 def _parts(seed: int = 0):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import cityscapes
-from pipeline.datasets.panoptic import ConvertContext
-from pipeline.datasets.synth_draw import SceneConfig
-from pipeline.datasets.synthetic import generate
-from pipeline.preprocess import PrepareOptions, prepare
-from pipeline.records import decode_record, iter_records, read_manifest
-from pipeline.validation import LABEL_MISMATCH, RecordError
+from pipeline.data import cityscapes
+from pipeline.data.panoptic import ConvertContext
+from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.data.quarantine import LABEL_MISMATCH, RecordError
+from pipeline.data.records import decode_record, iter_records, read_manifest
+from pipeline.data.scene import SceneConfig
+from pipeline.data.synthetic import generate
 
 pytestmark = pytest.mark.ray
 N = 8

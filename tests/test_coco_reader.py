@@ -10,9 +10,9 @@ from PIL import Image
 
 from kmax_model.targets import VOID_LABEL
 from pipeline.cli import main as kmax_main
-from pipeline.datasets import coco
-from pipeline.datasets.panoptic import ConvertContext, rgb2id
-from pipeline.records import decode_record, iter_records, read_manifest, source_id_map
+from pipeline.data import coco
+from pipeline.data.panoptic import ConvertContext, rgb2id
+from pipeline.data.records import decode_record, iter_records, read_manifest, source_id_map
 
 pytestmark = pytest.mark.ray
 

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from pipeline.dashboard import start_server, stop_server
-from pipeline.report import REPORT_ARTIFACT_DIR, compare
+from pipeline.sweep.dashboard import start_server, stop_server
+from pipeline.sweep.report import REPORT_ARTIFACT_DIR, compare
 from tests.sweep_helpers import KEPT, STUDY, shared_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.eval_stats import EvalSpec, flat_metrics, image_eval_stats, reduce_eval_stats
-from pipeline.evaluate import evaluate_files, evaluate_prepared
-from pipeline.pq import VOID_LABEL, pq_compute_files
-from pipeline.pq_files import load_json, pair_annotations, read_id_png
-from pipeline.records import MANIFEST_NAME, SCHEMA_VERSION, encode_label, encode_segments, write_shard
+from pipeline.data.records import MANIFEST_NAME, SCHEMA_VERSION, encode_label, encode_segments, write_shard
+from pipeline.eval.evaluate import evaluate_files, evaluate_prepared
+from pipeline.eval.pq import VOID_LABEL, pq_compute_files
+from pipeline.eval.pq_files import load_json, pair_annotations, read_id_png
+from pipeline.eval.stats import EvalSpec, flat_metrics, image_eval_stats, reduce_eval_stats
 
 
 def _case(pq_oracle_dir: Path, name: str = "random_small") -> tuple[Path, Path, Path, Path]:
@@ -44,7 +44,8 @@ def test_ground_truth_against_itself_on_real_coco(ray_session, coco_sample_dir: 
 
 
 def _write_prepared(case: tuple[Path, Path, Path, Path], out: Path) -> Path:
-    """A prepared split (pipeline.records format, two shards) holding the oracle case's ground truth, with the
+    """A prepared split (pipeline.data.records format, two shards) holding the oracle case's ground truth,
+    with the
     PNG ids kept as label-map values and void moved to VOID_LABEL."""
     gt = load_json(case[0], "gt")
     cats = [{**c, "category_id": c["id"], "class_id": i} for i, c in enumerate(gt["categories"])]

@@ -2,7 +2,7 @@
 and ``eval_long_side`` resizes the model input while the label maps keep the stored size.
 
 The decoder's k-means updates pool over every pixel of the padded input, so padding an image to the
-largest image of its batch changes its prediction; pipeline.inference pads each image by its own size.
+largest image of its batch changes its prediction; pipeline.eval.predictor pads each image by its own size.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from kmax_model import build_model, preset
 from kmax_model.postprocess import upsample_mask_logits
 from pipeline.cli import main as kmax_main
 from pipeline.config import DataConfig
-from pipeline.inference import Predictor, eval_batch, input_size, iter_decoded, pad_size
-from pipeline.records import read_manifest
+from pipeline.data.records import read_manifest
+from pipeline.eval.predictor import Predictor, eval_batch, input_size, iter_decoded, pad_size
 
 pytestmark = pytest.mark.ray
 

@@ -17,7 +17,7 @@ from kmax_model.mask_points import (
     slot_targets_at,
 )
 from kmax_model.postprocess import upsample_mask_logits
-from pipeline.augment import AugmentConfig, augment_record, build_target
+from pipeline.data.augment import AugmentConfig, augment_record, build_target
 from tests.test_criterion import K, _outputs, _target, _targets
 
 GRID = LossConfig(insdis_sample_k=16, semantic_sample_k=16)

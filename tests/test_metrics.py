@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     COCO_AP_NAMES,
     ImageInstances,
     coco_segm_inputs,

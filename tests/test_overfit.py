@@ -4,7 +4,7 @@ with the input-resolution mask loss to PQ >= 93 against the full-resolution labe
 The images (65 x 65: two stuff regions split at a random row, discs and squares as two thing classes)
 are generated here; targets are built at the output-stride grid by strided subsampling (as the reference
 implementations do), the model is trained with the real criterion, and the post-processed predictions
-are scored against the targets with the project's PQ (`pipeline.pq`).
+are scored against the targets with the project's PQ (`pipeline.eval.pq`).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _target(label: np.ndarray) -> Target:
 
 
 def _pq(gt_labels: list[np.ndarray], predictions: list[tuple[torch.Tensor, list[dict]]]) -> dict:
-    from pipeline.pq import pq_image_stats, reduce_pq_stats
+    from pipeline.eval.pq import pq_image_stats, reduce_pq_stats
 
     categories = [{"id": c, "isthing": t} for c, t in zip(CATEGORY_IDS, IS_THING)]
     stats = [

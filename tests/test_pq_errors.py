@@ -1,4 +1,5 @@
-"""Where the official evaluator crashes or misbehaves, pipeline.pq raises a clear error naming the image and
+"""Where the official evaluator crashes or misbehaves, pipeline.eval.pq raises a clear error naming the
+image and
 segment, or (empty groups) reports n = 0 and None."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.pq import VOID_LABEL, PQInputError, pq_compute_files, pq_image_stats, reduce_pq_stats
+from pipeline.eval.pq import VOID_LABEL, PQInputError, pq_compute_files, pq_image_stats, reduce_pq_stats
 
 
 @pytest.fixture

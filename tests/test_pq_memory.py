@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pq import (
+from pipeline.eval.pq import (
     VOID_LABEL,
     ImagePQStats,
     normalize_categories,
@@ -19,7 +19,7 @@ from pipeline.pq import (
     pq_image_stats,
     reduce_pq_stats,
 )
-from pipeline.pq_files import load_json, pair_annotations, read_id_png
+from pipeline.eval.pq_files import load_json, pair_annotations, read_id_png
 
 CASES = ("edges", "random_small", "coco_sample")
 
@@ -142,7 +142,7 @@ def test_pair_table_equals_brute_force_on_every_strategy(id_scale: int, blocky: 
     """Small value ranges use one lookup + raw predicted values, wider ones two lookups, very wide ones a
     binary search; noisy maps are counted per pixel and blocky ones per run of equal pairs; all must count
     the same pairs (unlisted ids fall in the 'other' row / column)."""
-    from pipeline.pq_table import MAX_RUN_FRACTION, pair_table, run_starts
+    from pipeline.eval.pq_table import MAX_RUN_FRACTION, pair_table, run_starts
 
     rng = np.random.default_rng(id_scale)
     shape = (10, 5) if blocky else (40, 50)

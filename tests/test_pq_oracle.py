@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.pq import GROUPS, pq_compute_files
+from pipeline.eval.pq import GROUPS, pq_compute_files
 
 CASES = ("edges", "random_small", "coco_sample")
 

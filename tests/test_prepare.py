@@ -7,10 +7,10 @@ import json
 import pytest
 
 from pipeline.cli import main as kmax_main
-from pipeline.datasets.synth_draw import SceneConfig
-from pipeline.datasets.synthetic import generate
-from pipeline.preprocess import PrepareOptions, block_sizes, prepare
-from pipeline.records import decode_record, iter_records, read_manifest
+from pipeline.data.prepare import PrepareOptions, block_sizes, prepare
+from pipeline.data.records import decode_record, iter_records, read_manifest
+from pipeline.data.scene import SceneConfig
+from pipeline.data.synthetic import generate
 
 pytestmark = pytest.mark.ray
 

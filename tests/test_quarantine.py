@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import validation as v
-from pipeline.datasets.synth_draw import SceneConfig
-from pipeline.datasets.synthetic import generate
-from pipeline.preprocess import PrepareOptions, prepare
-from pipeline.records import read_manifest
+from pipeline.data import quarantine as v
+from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.data.records import read_manifest
+from pipeline.data.scene import SceneConfig
+from pipeline.data.synthetic import generate
 
 pytestmark = pytest.mark.ray
 N_TRAIN = 16
@@ -138,9 +138,9 @@ def test_validation_helpers_directly():
 
 
 def test_malformed_annotation_is_quarantined_not_fatal(tmp_path):
-    from pipeline.datasets.coco import build_index, category_lookup
-    from pipeline.datasets.panoptic import ConvertContext
-    from pipeline.preprocess import convert_one
+    from pipeline.data.coco import build_index, category_lookup
+    from pipeline.data.panoptic import ConvertContext
+    from pipeline.data.prepare import convert_one
 
     root = generate(tmp_path / "m", "coco", train=1, val=0, seed=1, cfg=SceneConfig(height=32, width=32))
     index = build_index(root, "train")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import records
+from pipeline.data import records
 
 
 def _row(i: int, label: np.ndarray) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.report import COLUMNS, REPORT_ARTIFACT_DIR, VariantRow, compare, load_sweep, table_lines
+from pipeline.sweep.report import COLUMNS, REPORT_ARTIFACT_DIR, VariantRow, compare, load_sweep, table_lines
 from tests.sweep_helpers import STUDY, shared_sweep
 
 

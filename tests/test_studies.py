@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from ablations import studies
-from pipeline.study import SEED_PATH, Study, resolve_study, variant_name
+from pipeline.sweep.study import SEED_PATH, Study, resolve_study, variant_name
 
 
 def test_named_studies_grids():
@@ -45,7 +45,7 @@ def test_user_study_from_module(tmp_path, monkeypatch):
     (tmp_path / "mylab_studies.py").write_text(
         textwrap.dedent(
             """
-            from pipeline.study import Study
+            from pipeline.sweep.study import Study
             def widths(seeds=1):
                 return Study("widths", {"model.decoder.hidden_dim": [32, 64]}, seeds=seeds)
             """

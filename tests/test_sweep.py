@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.study import Study
-from pipeline.sweep import (
+from pipeline.sweep.driver import (
     DONE_FILE,
     PARAMETERS_METRIC,
     AshaConfig,
@@ -18,6 +17,7 @@ from pipeline.sweep import (
     run_sweep,
     trial_key,
 )
+from pipeline.sweep.study import Study
 from tests.sweep_helpers import FAILED_ONCE, KEPT, OVERRIDES, STEPS, STUDY, shared_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,8 +136,8 @@ def test_asha_stops_the_trial_behind_on_pq_and_later_trials_still_run(ray_sessio
     reproducible (ordered Ray Data ingest in the trial's process, per-step seeds), asserted below."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.datasets.synthetic import make_prepared_synthetic
-    from pipeline.report import load_sweep
+    from pipeline.data.synthetic import make_prepared_synthetic
+    from pipeline.sweep.report import load_sweep
 
     root = tmp_path_factory.mktemp("asha")
     data = make_prepared_synthetic(root / "data", train=8, val=4, height=48, width=48, seed=0, progress=False)

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as kmax_main
-from pipeline.datasets.panoptic import rgb2id
-from pipeline.datasets.synth_draw import SceneConfig
-from pipeline.datasets.synthetic import generate
+from pipeline.data.panoptic import rgb2id
+from pipeline.data.scene import SceneConfig
+from pipeline.data.synthetic import generate
 
 
 def _files(root):

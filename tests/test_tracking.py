@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import tracking
-from pipeline.visualize import close, cluster_assignment_figure
+from pipeline.eval.visualize import close, cluster_assignment_figure
 
 
 def test_embedded_store_run_resume_and_contiguous_metrics(tmp_path):

@@ -15,9 +15,9 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint as ckpt
-from pipeline.inference import evaluate_checkpoint
-from pipeline.train import fit
+from pipeline.eval.predictor import evaluate_checkpoint
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.driver import fit
 from tests.conftest import REPO
 from tests.train_helpers import TINY_STEPS, make_data, metric_steps, tiny_config
 

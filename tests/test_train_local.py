@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint as ckpt
-from pipeline.records import read_manifest
-from pipeline.train import fit, latest_checkpoint
+from pipeline.data.records import read_manifest
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.driver import fit, latest_checkpoint
 from tests.train_helpers import TINY_STEPS, make_data, metric_steps, model_weights, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -110,7 +110,7 @@ def test_incompatible_config_is_refused(straight, data_dir):
 def test_kmax_evaluate_checkpoint_matches_in_process(straight, data_dir, tmp_path):
     """`kmax evaluate --checkpoint` (Ray tasks over the shards) gives the in-process PQ of the checkpoint."""
     from pipeline.cli import main
-    from pipeline.inference import evaluate_checkpoint
+    from pipeline.eval.predictor import evaluate_checkpoint
 
     out = tmp_path / "eval.json"
     args = ["evaluate", "--checkpoint", str(straight.checkpoint), "--data", str(data_dir)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import visualize as vis
+from pipeline.eval import visualize as vis
 
 CATS = [
     {"class_id": 0, "isthing": True, "color": [200, 10, 10]},

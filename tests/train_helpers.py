@@ -37,13 +37,13 @@ def tiny_config(data_dir: Path, run_dir: Path, *extra: str, workers: int = 1) ->
 
 
 def make_data(root: Path) -> Path:
-    from pipeline.datasets.synthetic import make_prepared_synthetic
+    from pipeline.data.synthetic import make_prepared_synthetic
 
     return make_prepared_synthetic(root, train=8, val=4, height=48, width=48, seed=0)
 
 
 def model_weights(checkpoint_file: str | Path) -> dict[str, torch.Tensor]:
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint_file)["model"]
 

@@ -1,6 +1,6 @@
 """Progress of a training run, written by rank 0 and printed by whoever watches the run.
 
-Rank 0 (pipeline.train_worker) appends one JSON object per line to ``<run_dir>/progress.jsonl``:
+Rank 0 (pipeline.train.worker) appends one JSON object per line to ``<run_dir>/progress.jsonl``:
 ``{"step", "loss", "lr", "images_per_s", "data_wait_fraction", ...}`` every ``train.log_interval`` steps,
 ``{"step", "eval": {metric: value}}`` after each validation, and ``{"done": true, "step", ...}`` at the end.
 `ProgressPrinter` tails that file in a thread of the driver (``kmax train``) or of the sweep driver (one per

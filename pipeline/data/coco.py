@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets.panoptic import ConvertContext, build_label, finish_record, rgb2id
-from pipeline.validation import (
+from pipeline.data.panoptic import ConvertContext, build_label, finish_record, rgb2id
+from pipeline.data.quarantine import (
     DUPLICATE_IMAGE_ID,
     NO_IMAGE_ENTRY,
     RecordError,
@@ -35,7 +35,7 @@ DEFAULT_LABEL_DIVISOR = 256
 
 @dataclass
 class Index:
-    """What a reader hands to `pipeline.preprocess`: rows to convert, index-level rejects, categories."""
+    """What a reader hands to `pipeline.data.prepare`: rows to convert, index-level rejects, categories."""
 
     rows: list[dict]
     quarantine: list[dict]

@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.report import compare
-    from pipeline.study import resolve_study
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep.driver import run_sweep
+    from pipeline.sweep.report import compare
+    from pipeline.sweep.study import resolve_study
     from pipeline.tracking import RUN_ID_FILE
 
     def echo(msg: str) -> None:

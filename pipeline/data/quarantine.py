@@ -1,6 +1,6 @@
 """Quarantine checks: every rejected record gets a precise, machine-readable reason.
 
-A reader or the converter raises `RecordError(code, file, message)`; `pipeline.preprocess` catches it,
+A reader or the converter raises `RecordError(code, file, message)`; `pipeline.data.prepare` catches it,
 writes ``{"record_id", "file", "code", "reason"}`` to quarantine.jsonl and keeps every other record.
 """
 

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.sweep import EARLY_STOPPED_TAG, PARAMETERS_METRIC
+from pipeline.sweep.driver import EARLY_STOPPED_TAG, PARAMETERS_METRIC
 
 # (column header, MLflow metric key, format)
 COLUMNS: list[tuple[str, str, str]] = [

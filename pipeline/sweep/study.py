@@ -2,8 +2,8 @@
 
 Studies are plain data so that they can be defined anywhere (``ablations/studies.py`` or a user's
 module) and resolved by name: ``resolve_study("assignment")`` looks in ``ablations.studies``,
-``resolve_study("mylab.studies:widths")`` imports that function. `pipeline.sweep` turns a study into
-a Ray Tune grid; `pipeline.report` groups runs back into its variants.
+``resolve_study("mylab.studies:widths")`` imports that function. `pipeline.sweep.driver` turns a study into
+a Ray Tune grid; `pipeline.sweep.report` groups runs back into its variants.
 """
 
 from __future__ import annotations

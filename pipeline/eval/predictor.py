@@ -1,4 +1,4 @@
-"""Predicting panoptic maps of prepared records with a kMaX model, and scoring them with pipeline.pq.
+"""Predicting panoptic maps of prepared records with a kMaX model, and scoring them with pipeline.eval.pq.
 
 Used by the training loop's periodic validation (each worker predicts the records ``i % world == rank``
 and returns per-image integer PQ stats; rank 0 reduces them in image order) and by
@@ -31,8 +31,8 @@ import torch
 
 from kmax_model.postprocess import panoptic_inference
 from kmax_model.targets import VOID_LABEL, normalize_images
-from pipeline.augment import resize_image
-from pipeline.records import decode_record, iter_records, read_manifest
+from pipeline.data.augment import resize_image
+from pipeline.data.records import decode_record, iter_records, read_manifest
 
 EVAL_PAD_MULTIPLE = 4
 """Dynamic eval sizes are ``EVAL_PAD_MULTIPLE * k + 1`` (output stride 4, align-corners resizing)."""
@@ -66,7 +66,7 @@ def eval_batch(
     """Decoded records -> (normalised, zero-padded images [B, 3, H, W], list of (h, w) valid sizes).
 
     With ``long_side`` each image is first resized to `input_size` as the training scale resizes
-    (`pipeline.augment.resize_image`), and the valid sizes are the resized ones."""
+    (`pipeline.data.augment.resize_image`), and the valid sizes are the resized ones."""
     sizes = [input_size(int(r["height"]), int(r["width"]), long_side) for r in records]
     H, W = pad_size(sizes, fixed)
     images = torch.zeros(len(records), 3, H, W)
@@ -163,8 +163,8 @@ def _crop_assignment(a: torch.Tensor, valid: tuple[int, int], padded: tuple[int,
 def stats_of(
     predictor: Predictor, records: Sequence[dict], preds: Sequence[dict], indices: Sequence[int]
 ) -> list:
-    """PQ stats (pipeline.pq.ImagePQStats) of predicted records; ``indices`` = positions in the split."""
-    from pipeline.pq import pq_image_stats
+    """PQ stats (pipeline.eval.pq.ImagePQStats) of predicted records; ``indices`` = positions in the split."""
+    from pipeline.eval.pq import pq_image_stats
 
     return [
         pq_image_stats(
@@ -208,7 +208,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 class BatchedPredictor:
     """A `Predictor` applied ``batch_size`` records at a time (Ray evaluation tasks hand over whole row
-    groups). Picklable, so `pipeline.evaluate.evaluate_prepared` can ship it to its tasks."""
+    groups). Picklable, so `pipeline.eval.evaluate.evaluate_prepared` can ship it to its tasks."""
 
     def __init__(self, predictor: Predictor, batch_size: int):
         if batch_size < 1:
@@ -228,8 +228,8 @@ def predictor_from_checkpoint(
     """A training checkpoint (``state.pt`` or its directory) as a predictor of the records of a prepared
     split; refuses a split whose class count differs from the one the model was trained on."""
     from kmax_model.model import build_model
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.config import ExperimentConfig
+    from pipeline.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     cfg = ExperimentConfig.from_dict(state["config"])
@@ -257,8 +257,8 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
 ) -> dict:
     """Load a training checkpoint, predict every record of a prepared split in this process, return the
-    PQ result (pipeline.pq.reduce_pq_stats layout). `kmax evaluate --checkpoint` does the same on Ray."""
-    from pipeline.pq import reduce_pq_stats
+    PQ result (pipeline.eval.pq.reduce_pq_stats layout). `kmax evaluate --checkpoint` does the same on Ray."""
+    from pipeline.eval.pq import reduce_pq_stats
 
     batched_predictor = predictor_from_checkpoint(checkpoint, data_dir, split, batch_size, device)
     predictor = batched_predictor.predictor

@@ -5,7 +5,7 @@
                [--asha [--grace-evals 1] [--reduction-factor 2]]
 
 The Train V2 pattern (shared/docs/reference_ray_mlflow.md §2): every Tune trial is a light driver
-function that calls `pipeline.train.fit` with the trial's config; fit builds and runs the TorchTrainer.
+function that calls `pipeline.train.driver.fit` with the trial's config; fit builds and runs the TorchTrainer.
 
 Sweep directory layout::
 
@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.progress import PROGRESS_FILE, ProgressPrinter
-from pipeline.ray_utils import DATA_CPU_RESERVE
-from pipeline.study import SEED_PATH, Study, resolve_study, variant_name
+from pipeline.ray_setup import DATA_CPU_RESERVE
+from pipeline.sweep.study import SEED_PATH, Study, resolve_study, variant_name
+from pipeline.train.progress import PROGRESS_FILE, ProgressPrinter
 
 DRIVER_CPUS = 0.25
 """Logical CPUs reserved for each trial's driver function (it only waits on the TorchTrainer)."""
@@ -131,13 +131,13 @@ class SweepSummary:
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
-    """One Tune trial: the light driver of one Ray Train run (pipeline.train.fit)."""
+    """One Tune trial: the light driver of one Ray Train run (pipeline.train.driver.fit)."""
     from ray import tune
 
     from kmax_model import build_model
     from pipeline import tracking
     from pipeline.config import load_experiment
-    from pipeline.train import fit
+    from pipeline.train.driver import fit
 
     if config.get("inject_failure"):  # deterministic fault hook for the resume test
         raise RuntimeError(f"injected failure in trial {config['key']}")
@@ -170,7 +170,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
 
 
 def _shared_synthetic(base, out: Path, echo) -> Path:
-    from pipeline.datasets.synthetic import make_prepared_synthetic
+    from pipeline.data.synthetic import make_prepared_synthetic
 
     prepared = out / "prepared"
     if not (prepared / base.data.val_split / "manifest.json").is_file():
@@ -245,7 +245,7 @@ def run_sweep(
 
     from pipeline import tracking
     from pipeline.config import load_experiment
-    from pipeline.ray_utils import RayConfig, init_ray
+    from pipeline.ray_setup import RayConfig, init_ray
 
     t0 = time.time()
     sweep_dir = Path(sweep_dir).resolve()

@@ -1,14 +1,15 @@
-"""The Ray Train per-worker loop: ``train_fn_per_worker(loop_config)`` (built and launched by pipeline.train).
+"""The Ray Train per-worker loop: ``train_fn_per_worker(loop_config)`` (built and launched by
+pipeline.train.driver).
 
 ``loop_config`` = {"experiment": ExperimentConfig as a plain dict, "tracking_uri": str, "mlflow_run_id": str,
 "progress_file": str, "train_rows": int (rows per data epoch), "passes": int (copies of a small split per
-epoch, pipeline.records.training_dataset), "val_dir": str,
+epoch, pipeline.data.records.training_dataset), "val_dir": str,
 "fault_injection": None | {"step", "rank", "marker", "delay_s"}} (a chaos test of fault tolerance: the given
 rank calls ``os._exit(1)`` after finishing that step, once, guarded by the marker file).
 
 One optimiser step = ``train.grad_accum`` micro-batches of ``data.batch_size`` images per worker, read from
 this worker's shard of the "train" dataset (``get_dataset_shard``) and augmented in the worker by
-pipeline.augment.AugmentCollate (seeded per (seed, epoch, record), so an epoch is reproducible). DDP over
+pipeline.data.augment.AugmentCollate (seeded per (seed, epoch, record), so an epoch is reproducible). DDP over
 gloo (CPU) or NCCL (GPU) by ``ray.train.torch.prepare_model``; SyncBatchNorm when several GPUs train.
 
 Determinism and exact resume: before every step the global torch RNG and the criterion's sampling generator
@@ -16,10 +17,10 @@ are seeded from (seed, step, rank), and the data position is derived from the st
 micro-batches // micro-batches per epoch; the batches of the epoch already consumed are skipped), so a run
 resumed from a checkpoint at step s continues exactly as the uninterrupted run would.
 
-Checkpoints are written by rank 0 (pipeline.checkpoint: atomic, weights_only-loadable) and reported by every
-rank through ``ray.train.report`` (a barrier). Rank 0 logs to MLflow (pipeline.tracking.RunLogger on the run
-id the driver created; per-step metrics through a BackgroundMetrics thread, flushed before each checkpoint)
-and appends progress lines to ``progress_file`` for the driver to print.
+Checkpoints are written by rank 0 (pipeline.train.checkpoint: atomic, weights_only-loadable) and reported
+by every rank through ``ray.train.report`` (a barrier). Rank 0 logs to MLflow (pipeline.tracking.RunLogger
+on the run id the driver created; per-step metrics through a BackgroundMetrics thread,
+flushed before each checkpoint) and appends progress lines to ``progress_file`` for the driver to print.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class _Batches:
         self.wait_s = 0.0
 
     def _epoch_iter(self):
-        from pipeline.augment import AugmentCollate
+        from pipeline.data.augment import AugmentCollate
 
         it = self.shard.iter_torch_batches(
             batch_size=self.batch_size,
@@ -121,10 +122,10 @@ def train_fn_per_worker(loop_config: dict) -> None:  # noqa: C901 - the loop rea
 
     from kmax_model.criterion import LOSS_KEY_TO_WEIGHT_FIELD, build_criterion
     from kmax_model.model import build_model
-    from pipeline import checkpoint as ckpt
     from pipeline.config import ExperimentConfig
-    from pipeline.evaluation_loop import Evaluator
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.optim import build_optimizer, build_scheduler
+    from pipeline.train.validation import Evaluator
 
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     tcfg = cfg.train

@@ -1,6 +1,6 @@
 """PQ on COCO panoptic files: ``gt.json`` + PNG folder against ``pred.json`` + PNG folder.
 
-The file-format side of `pipeline.pq`: reading the JSONs, pairing images by ``image_id`` in ground-truth
+The file-format side of `pipeline.eval.pq`: reading the JSONs, pairing images by ``image_id`` in ground-truth
 annotation order (as the official ``pq_compute``), decoding PNG ids (``R + 256 G + 256^2 B``, void = 0) and
 feeding `pq_image_stats`. Errors name the image id and the PNG file.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.pq import (
+from pipeline.eval.pq import (
     PNG_VOID_ID,
     Category,
     ImagePQStats,
@@ -141,7 +141,8 @@ def pq_compute_files(
             on this machine). Only the last bits of pq/sq depend on it.
 
     Returns:
-        The official result dict (see `pipeline.pq.reduce_pq_stats`); per_class keys are int category ids.
+        The official result dict (see `pipeline.eval.pq.reduce_pq_stats`); per_class keys are int category
+        ids.
     """
     gt = load_json(gt_json, "ground-truth")
     pred = load_json(pred_json, "prediction")

@@ -1,4 +1,4 @@
-"""Training-time augmentation and target building (evaluation input is `pipeline.inference`).
+"""Training-time augmentation and target building (evaluation input is `pipeline.eval.predictor`).
 
 Training (`augment_record`): random scale in [min_scale, max_scale] (image bilinear, label nearest),
 random crop to ``crop_size`` with void padding at the bottom/right (padded image pixels are zero after
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.records import PASS_COLUMN, VOID_LABEL, decode_image, decode_label, decode_segments
+from pipeline.data.records import PASS_COLUMN, VOID_LABEL, decode_image, decode_label, decode_segments
 
 if TYPE_CHECKING:
     from kmax_model.targets import Target
@@ -88,7 +88,7 @@ def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
 
 def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [H, W, 3], PIL bilinear: the training scale's resize, which evaluation at a
-    resized input (pipeline.inference, ``data.eval_long_side``) reuses so both see the same pixels."""
+    resized input (pipeline.eval.predictor, ``data.eval_long_side``) reuses so both see the same pixels."""
     h, w = size_hw
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
@@ -236,7 +236,8 @@ def augment_rows(
 ) -> dict:
     """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch).
 
-    Rows of a repeated split (pipeline.records.training_dataset: ``passes`` copies per epoch, told apart by
+    Rows of a repeated split (pipeline.data.records.training_dataset: ``passes`` copies per epoch, told
+    apart by
     the ``pass`` column) are augmented as epoch ``epoch * passes + pass``, so every copy differs.
     ``input_targets`` adds the "label_input" column (see `augment_record`)."""
     arrays = ("image", "pixel_valid", "label_grid") + (("label_input",) if input_targets else ())

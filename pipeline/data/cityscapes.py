@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets.coco import Index, panoptic_json_index
-from pipeline.datasets.panoptic import ConvertContext, build_label, finish_record
-from pipeline.validation import LABEL_MISMATCH, RecordError, check_size, open_image, read_bytes
+from pipeline.data.coco import Index, panoptic_json_index
+from pipeline.data.panoptic import ConvertContext, build_label, finish_record
+from pipeline.data.quarantine import LABEL_MISMATCH, RecordError, check_size, open_image, read_bytes
 
 DEFAULT_LABEL_DIVISOR = 1000
 GROUP_LIMIT = 1000

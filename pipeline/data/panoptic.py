@@ -1,4 +1,4 @@
-"""Shared conversion: (image bytes, source id map, segments_info) -> canonical record (pipeline.records).
+"""Shared conversion: (image bytes, source id map, segments_info) -> canonical record (pipeline.data.records).
 
 Follows deeplab2 data/build_coco_data.py::_generate_panoptic_label @ 64bc1c1a (per segment in JSON
 order: contiguous class, thing instances numbered per class from 1 (crowd regions included, flagged
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.records import VOID_LABEL, encode_label, encode_segments
-from pipeline.validation import (
+from pipeline.data.quarantine import (
     TOO_MANY_INSTANCES,
     RecordError,
     check_ids_against_segments,
     check_segments_info,
 )
+from pipeline.data.records import VOID_LABEL, encode_label, encode_segments
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def finish_record(
     segments: list[dict],
     ctx: ConvertContext,
 ) -> dict:
-    """Optional resize, then the `pipeline.records.RECORD_SCHEMA` row."""
+    """Optional resize, then the `pipeline.data.records.RECORD_SCHEMA` row."""
     oh, ow = label.shape
     if ctx.max_size and max(oh, ow) > ctx.max_size:
         image, label = resize_pair(image, label, ctx.max_size)

@@ -179,7 +179,7 @@ def training_dataset(data_dir: str | Path, split: str, min_rows: int):
 
     A split of at least ``min_rows`` records streams from its shards (``read_parquet``). A smaller one is
     read here and repeated ``passes = ceil(min_rows / records)`` times inside one epoch, with a
-    `PASS_COLUMN` telling the copies apart (pipeline.augment seeds each copy differently), so that one
+    `PASS_COLUMN` telling the copies apart (pipeline.data.augment seeds each copy differently), so that one
     epoch, and so one stream start-up, covers many steps.
     """
     import ray.data

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.pq_table import pair_table
+from pipeline.eval.pq_table import pair_table
 
 VOID_LABEL = -1
 """Void in in-memory label maps; mirrors ``kmax_model.targets.VOID_LABEL`` (not imported: it pulls torch)."""
@@ -346,8 +346,8 @@ def reduce_pq_stats(
 def pq_compute_files(
     gt_json: Any, gt_folder: Any, pred_json: Any, pred_folder: Any, chunks: int | None = None
 ):
-    """PQ of COCO panoptic files (JSON + PNG folders); see `pipeline.pq_files.pq_compute_files`."""
-    from pipeline.pq_files import pq_compute_files as _files
+    """PQ of COCO panoptic files (JSON + PNG folders); see `pipeline.eval.pq_files.pq_compute_files`."""
+    from pipeline.eval.pq_files import pq_compute_files as _files
 
     return _files(gt_json, gt_folder, pred_json, pred_folder, chunks=chunks)
 

@@ -2,7 +2,7 @@
 
 Pure numpy (no Ray, no torch): `image_eval_stats` runs wherever an image is predicted (a Ray task, a training
 worker); `reduce_eval_stats` runs once on the gathered results, sorted by image index, so the numbers do not
-depend on how the images were spread. `pipeline.evaluate` drives it on Ray.
+depend on how the images were spread. `pipeline.eval.evaluate` drives it on Ray.
 
 A prediction is a dict:
 - ``label_map``: int [H, W], ``class_id * divisor + instance`` with VOID_LABEL on void (any ids work as long
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.metrics import ImageInstances, confusion_matrix, encode_mask, mask_ap, miou_from_confusion
-from pipeline.pq import (
+from pipeline.eval.metrics import ImageInstances, confusion_matrix, encode_mask, mask_ap, miou_from_confusion
+from pipeline.eval.pq import (
     VOID_LABEL,
     Category,
     ImagePQStats,
@@ -33,7 +33,7 @@ from pipeline.pq import (
     pq_image_stats,
     reduce_pq_stats,
 )
-from pipeline.pq_table import compact_ids
+from pipeline.eval.pq_table import compact_ids
 
 
 @dataclass

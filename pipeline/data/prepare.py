@@ -4,7 +4,7 @@ Flow: the reader builds the record index from the annotation files (driver, chea
 ``from_arrow`` (blocks of `block_sizes`) + ``map_batches`` decodes, validates and converts every record
 in parallel (order preserved) into Arrow tables -> the driver streams those tables back in order, assigns
 the rows to shards by cumulative size and writes each shard itself, row group by row group, with pyarrow
-and fixed writer options (pipeline.records.ShardSequence); the rows stay Arrow data from worker to file.
+and fixed writer options (pipeline.data.records.ShardSequence); the rows stay Arrow data from worker to file.
 Shard contents therefore depend only on the inputs and options, never on the parallelism or on Ray's
 own file naming. Everything is written to a temporary folder that replaces ``OUT/<split>`` atomically
 at the end, so a failed or ``--strict``-rejected run never touches an earlier output.
@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.datasets import cityscapes, coco
-from pipeline.datasets.coco import Index, category_lookup
-from pipeline.datasets.panoptic import ConvertContext
-from pipeline.records import (
+from pipeline.data import cityscapes, coco
+from pipeline.data.coco import Index, category_lookup
+from pipeline.data.panoptic import ConvertContext
+from pipeline.data.quarantine import MALFORMED_ANNOTATION, RecordError
+from pipeline.data.records import (
     MANIFEST_NAME,
     QUARANTINE_NAME,
     RECORD_FIELDS,
@@ -37,7 +38,6 @@ from pipeline.records import (
     SCHEMA_VERSION,
     ShardSequence,
 )
-from pipeline.validation import MALFORMED_ANNOTATION, RecordError
 
 DATASETS = ("coco", "cityscapes", "cityscapes-panoptic")
 RESULT_SCHEMA = pa.schema(
@@ -199,7 +199,7 @@ def _ray_results(index: Index, ctx: ConvertContext, opts: PrepareOptions):
     preserved)."""
     import ray.data
 
-    from pipeline.ray_utils import init_ray
+    from pipeline.ray_setup import init_ray
 
     init_ray()
     # Ray Data logs an INFO line per execution and a WARNING about disabled progress bars: keep them out.

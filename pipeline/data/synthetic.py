@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets.synth_draw import Scene, SceneConfig, draw_scene
+from pipeline.data.scene import Scene, SceneConfig, draw_scene
 
 SPLITS = ("train", "val")
 SEGMENT_ID_STRIDE = 1000
@@ -180,8 +180,8 @@ def make_prepared_synthetic(
     **prepare_kw,
 ) -> Path:
     """One call for tests and the demo: synth (COCO layout) under ``out/raw`` and prepare both splits into
-    ``out/prepared``. Needs Ray (started quietly through pipeline.ray_utils when not running)."""
-    from pipeline.preprocess import PrepareOptions, prepare
+    ``out/prepared``. Needs Ray (started quietly through pipeline.ray_setup when not running)."""
+    from pipeline.data.prepare import PrepareOptions, prepare
 
     out = Path(out)
     raw = generate(out / "raw", "coco", train, val, seed, SceneConfig(height=height, width=width))

@@ -7,7 +7,7 @@
 compute), refuse an incompatible existing checkpoint in the run directory, make the synthetic dataset when
 no ``data.prepared_dir`` is given, bind the class metadata of the prepared manifest, create or resume the
 MLflow run (its id lives in ``<run_dir>/mlflow_run.json`` and in every checkpoint), start Ray quietly and
-run a TorchTrainer over pipeline.train_worker.train_fn_per_worker.
+run a TorchTrainer over pipeline.train.worker.train_fn_per_worker.
 
 Run directory layout::
 
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, bind_manifest, load_experiment
-from pipeline.progress import PROGRESS_FILE, ProgressPrinter
-from pipeline.ray_utils import DATA_CPU_RESERVE
+from pipeline.ray_setup import DATA_CPU_RESERVE
+from pipeline.train.progress import PROGRESS_FILE, ProgressPrinter
 
 RAY_RUN_NAME = "train"
 """Ray Train run name inside ``<run_dir>/ray_results``; fixed so that a rerun resumes (no timestamps)."""
@@ -66,14 +66,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def prepare_data(cfg: ExperimentConfig) -> ExperimentConfig:
     """Make the synthetic dataset when none is given; bind num_classes / thing classes from the manifest."""
-    from pipeline.records import read_manifest
+    from pipeline.data.records import read_manifest
 
     data = cfg.data
     if data.prepared_dir is None:
         out = Path(cfg.run_dir).resolve() / "data"
         prepared = out / "prepared"
         if not (prepared / data.val_split / "manifest.json").is_file():
-            from pipeline.datasets.synthetic import make_prepared_synthetic
+            from pipeline.data.synthetic import make_prepared_synthetic
 
             print(f"making the synthetic dataset in {out} ...", flush=True)
             make_prepared_synthetic(
@@ -112,9 +112,9 @@ def fit(
     ``tags`` are added to the MLflow run when it is created (a sweep passes ``mlflow.parentRunId``, study,
     trial and variant). ``callbacks``: Ray Train user callbacks of the run (a sweep with early stopping
     passes ``TuneReportCallback`` so that every checkpoint report, with its validation PQ, reaches Tune)."""
-    from pipeline import checkpoint as ckpt
     from pipeline import tracking
-    from pipeline.ray_utils import init_ray
+    from pipeline.ray_setup import init_ray
+    from pipeline.train import checkpoint as ckpt
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir).resolve()
@@ -145,7 +145,7 @@ def fit(
         run_name,
         tags={**(tags or {}), "run_dir": str(run_dir)},
     )
-    from pipeline.records import training_dataset
+    from pipeline.data.records import training_dataset
 
     train_ds, train_rows, passes = training_dataset(
         cfg.data.prepared_dir, cfg.data.train_split, cfg.data.min_epoch_rows
@@ -192,7 +192,7 @@ def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds, callbacks
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train_worker import train_fn_per_worker
+    from pipeline.train.worker import train_fn_per_worker
 
     sc = cfg.scaling
     return TorchTrainer(
@@ -258,8 +258,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import IncompatibleCheckpointError
     from pipeline.tracking import TrackingError
+    from pipeline.train.checkpoint import IncompatibleCheckpointError
 
     try:
         cfg = config_from_args(args)

@@ -3,15 +3,15 @@
 Every image becomes an `ImageEvalStats` of integers (PQ statistics, a sparse semantic confusion matrix, run-
 length encoded instances) inside parallel Ray tasks; the driver reduces them sorted by image index, so the
 numbers do not depend on how many tasks or workers ran (PQ floats follow the official summation order of
-`pipeline.pq.reduce_pq_stats`).
+`pipeline.eval.pq.reduce_pq_stats`).
 
 Two sources:
 - files (COCO panoptic JSON + PNG folders): `evaluate_files`, tasks over slices of the image list;
-- a prepared split (pipeline.records shards) and a ``predict`` callable (decoded records -> predictions):
+- a prepared split (pipeline.data.records shards) and a ``predict`` callable (decoded records -> predictions):
   `evaluate_prepared`, one task per Parquet row group. ``kmax evaluate --checkpoint`` builds ``predict`` from
-  a checkpoint through ``pipeline.inference.predictor_from_checkpoint``.
+  a checkpoint through ``pipeline.eval.predictor.predictor_from_checkpoint``.
 
-Predictions are dicts as described in `pipeline.eval_stats` (``label_map``, ``segments``, optional
+Predictions are dicts as described in `pipeline.eval.stats` (``label_map``, ``segments``, optional
 ``semantic`` and ``instances``).
 """
 
@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval_stats import EvalSpec, ImageEvalStats, image_eval_stats, reduce_eval_stats
-from pipeline.pq import PNG_VOID_ID, PQInputError, format_result
+from pipeline.eval.pq import PNG_VOID_ID, PQInputError, format_result
+from pipeline.eval.stats import EvalSpec, ImageEvalStats, image_eval_stats, reduce_eval_stats
 
 IMAGES_PER_TASK = 16
 """Default number of images one Ray task evaluates (files mode)."""
@@ -34,7 +34,7 @@ IMAGES_PER_TASK = 16
 
 
 def _files_task(spec: EvalSpec, pairs: list) -> list[ImageEvalStats]:
-    from pipeline.pq_files import read_id_png
+    from pipeline.eval.pq_files import read_id_png
 
     out = []
     for p in pairs:
@@ -57,7 +57,7 @@ def _files_task(spec: EvalSpec, pairs: list) -> list[ImageEvalStats]:
 def _prepared_task(spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable) -> list:
     import pyarrow.parquet as pq_io
 
-    from pipeline.records import decode_record
+    from pipeline.data.records import decode_record
 
     rows = pq_io.ParquetFile(path).read_row_group(row_group).to_pylist()
     records = [decode_record(r) for r in rows]
@@ -118,9 +118,9 @@ def evaluate_files(
 ) -> dict[str, Any]:
     """COCO panoptic files evaluated in Ray tasks of ``images_per_task`` images (Ray started if needed).
 
-    The PQ part equals `pipeline.pq.pq_compute_files` bit for bit whatever ``images_per_task``."""
-    from pipeline.pq_files import load_json, pair_annotations
-    from pipeline.ray_utils import init_ray
+    The PQ part equals `pipeline.eval.pq.pq_compute_files` bit for bit whatever ``images_per_task``."""
+    from pipeline.eval.pq_files import load_json, pair_annotations
+    from pipeline.ray_setup import init_ray
 
     if images_per_task < 1:
         raise ValueError(f"images_per_task must be >= 1, got {images_per_task}")
@@ -150,11 +150,11 @@ def evaluate_prepared(
     progress: bool = False,
 ) -> dict[str, Any]:
     """A prepared split scored against ``predict`` (picklable; called once per Parquet row group inside a Ray
-    task with the decoded records of that group, see pipeline.records.decode_record)."""
+    task with the decoded records of that group, see pipeline.data.records.decode_record)."""
     import pyarrow.parquet as pq_io
 
-    from pipeline.ray_utils import init_ray
-    from pipeline.records import read_manifest, shard_paths
+    from pipeline.data.records import read_manifest, shard_paths
+    from pipeline.ray_setup import init_ray
 
     manifest = read_manifest(data_dir, split)
     spec = EvalSpec(manifest["categories"], chunks=chunks, miou=miou, ap=ap)
@@ -219,7 +219,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.ray_utils import RayConfig
+    from pipeline.ray_setup import RayConfig
 
     file_flags = [args.gt_json, args.gt_folder, args.pred_json, args.pred_folder]
     if args.checkpoint and any(file_flags):
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.data:
                 print("kmax evaluate: --checkpoint needs --data PREPARED_DIR (and --split)", file=sys.stderr)
                 return 2
-            from pipeline.inference import predictor_from_checkpoint
+            from pipeline.eval.predictor import predictor_from_checkpoint
 
             predict = predictor_from_checkpoint(args.checkpoint, args.data, args.split)
             result = evaluate_prepared(args.data, args.split, predict, **kw)

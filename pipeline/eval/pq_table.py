@@ -1,6 +1,7 @@
 """Pixel counting for PQ: the (GT segment, predicted segment) intersection table of one image.
 
-Split from `pipeline.pq` (which re-exports both functions). No ``np.unique(return_inverse=True)`` and no PNG
+Split from `pipeline.eval.pq` (which re-exports both functions). No ``np.unique(return_inverse=True)`` and
+no PNG
 (shared/docs/reference_data_and_pq.md §3.6). Panoptic label maps are piecewise constant, so the maps are first
 cut into runs of equal (GT, prediction) pairs in row-major order (two vectorised comparisons); only the run
 starts are then compacted with one ``np.take`` through a lookup table (or a binary search over the few listed

@@ -1,9 +1,10 @@
 """Distributed validation inside the Ray Train workers, plus the figures logged with it.
 
-Each worker predicts the validation records ``index % world == rank`` (pipeline.inference), computes
-per-image integer PQ stats (pipeline.pq.pq_image_stats) and a semantic confusion matrix (pipeline.metrics);
+Each worker predicts the validation records ``index % world == rank`` (pipeline.eval.predictor), computes
+per-image integer PQ stats (pipeline.eval.pq.pq_image_stats) and a semantic confusion matrix
+(pipeline.eval.metrics);
 both are gathered to every rank with ``all_gather_object`` and rank 0 reduces the PQ stats in image order
-(pipeline.pq.reduce_pq_stats sorts by index), so the result does not depend on the worker count.
+(pipeline.eval.pq.reduce_pq_stats sorts by index), so the result does not depend on the worker count.
 
 Rank 0 logs ``eval/{pq,sq,rq}_{all,things,stuff}`` and ``eval/miou`` at the step, the per-layer
 cluster-assignment figure of validation image 0 and a prediction grid of the first ``data.num_vis_images``.
@@ -18,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from kmax_model.targets import VOID_LABEL
-from pipeline.inference import Predictor, batched, iter_decoded, stats_of
-from pipeline.records import read_manifest
+from pipeline.data.records import read_manifest
+from pipeline.eval.predictor import Predictor, batched, iter_decoded, stats_of
 
 GROUPS = (("All", "all"), ("Things", "things"), ("Stuff", "stuff"))
 
@@ -67,8 +68,8 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         """All ranks: PQ / mIoU over the whole split (every rank returns the same numbers)."""
-        from pipeline.metrics import confusion_matrix, miou_from_confusion
-        from pipeline.pq import reduce_pq_stats
+        from pipeline.eval.metrics import confusion_matrix, miou_from_confusion
+        from pipeline.eval.pq import reduce_pq_stats
 
         model.eval()
         predictor = self._predictor(model)
@@ -102,7 +103,7 @@ class Evaluator:
         return metrics
 
     def log_figures(self, model, step: int, logger) -> None:
-        from pipeline.visualize import close, cluster_assignment_figure, prediction_grid
+        from pipeline.eval.visualize import close, cluster_assignment_figure, prediction_grid
 
         if not self.vis_records:
             return

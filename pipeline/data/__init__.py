@@ -1,0 +1,1 @@
+"""Data: dataset readers, the synthetic generator, the record schema, preparation and augmentation."""

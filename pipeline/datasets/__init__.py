@@ -1,1 +1,0 @@
-"""Readers of the real on-disk dataset layouts and the synthetic generator."""

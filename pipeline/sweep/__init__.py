@@ -1,0 +1,1 @@
+"""Ablation sweeps: studies, the Ray Tune driver, the comparison report and the dashboard."""
