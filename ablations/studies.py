@@ -7,19 +7,19 @@ seeds. Add a study by writing one more function here (or in your own module and 
 
 from __future__ import annotations
 
+from kmax_model.config import ASSIGNMENT_MODES
 from pipeline.sweep.study import Study
 
 ASSIGNMENT = "model.decoder.assignment"
 COORD_CONV = "model.decoder.coord_conv"
 DEPTH = "model.decoder.blocks_per_stride"
 
-ASSIGNMENT_MODES = ["spatial_softmax", "cluster_softmax", "argmax"]
 DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
 
 
 def assignment(seeds: int = 1) -> Study:
     """Spatial-softmax cross-attention (MaX / Mask2Former) vs CMT cluster-wise softmax vs kMaX argmax."""
-    return Study("assignment", {ASSIGNMENT: ASSIGNMENT_MODES}, seeds=seeds)
+    return Study("assignment", {ASSIGNMENT: list(ASSIGNMENT_MODES)}, seeds=seeds)
 
 
 def coord_conv(seeds: int = 1) -> Study:
@@ -35,5 +35,5 @@ def decoder_depth(seeds: int = 1) -> Study:
 def full(seeds: int = 1) -> Study:
     """The full factorial of the three ablations (3 x 2 x 3 = 18 variants)."""
     return Study(
-        "full", {ASSIGNMENT: ASSIGNMENT_MODES, COORD_CONV: [False, True], DEPTH: DEPTHS}, seeds=seeds
+        "full", {ASSIGNMENT: list(ASSIGNMENT_MODES), COORD_CONV: [False, True], DEPTH: DEPTHS}, seeds=seeds
     )

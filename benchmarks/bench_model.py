@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kmax_model import apply_overrides, build_model, preset
+from kmax_model.config import ASSIGNMENT_MODES
 
-MODES = ("argmax", "cluster_softmax", "spatial_softmax")
+MODES = ASSIGNMENT_MODES
 DEFAULT_CONFIGS = ("tiny:128:8", "resnet50_coco:257:1")
 MATMUL_SIZE = 1024
 

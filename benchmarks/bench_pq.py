@@ -1,6 +1,7 @@
-"""PQ speed: the in-memory path, the file path and a straightforward baseline, per image, plus Ray throughput.
+"""PQ speed: in-memory path, file path and a baseline per image; the file path on 1 vs 2 processes; Ray.
 
-    .venv/bin/python benchmarks/bench_pq.py [--cityscapes 8] [--coco 24] [--ray-images 200] [--repeats 3]
+    .venv/bin/python benchmarks/bench_pq.py [--cityscapes 8] [--coco 24] [--files-images 64]
+        [--ray-images 200] [--repeats 3]
 
 The baseline is what the official evaluator does per image (written here, not copied): decode both PNGs,
 ``rgb2id`` with uint32 arithmetic, ``np.unique(return_counts)`` of the prediction and of the combined
@@ -8,6 +9,9 @@ The baseline is what the official evaluator does per image (written here, not co
 Images are synthetic (random rectangles painted over stuff bands, the prediction shifted and partly
 relabelled) at Cityscapes size (1024x2048, ~60 segments) and COCO size (480x640, ~20 segments).
 Prints median per-image milliseconds and the ratios measured in this run; speed is never asserted.
+The process comparison runs `pq_compute_files` on the same Cityscapes-size JSON + PNG folders with workers=1
+(this process) and workers=2 (fork-server workers, one contiguous slice each), timed in turn; the fork server
+is started once before timing, as it is once per calling process.
 """
 
 from __future__ import annotations
@@ -218,15 +222,11 @@ def _cats():
     return {c.id: c for c in normalize_categories(CATEGORIES)}
 
 
-def bench_ray(count: int, tmp: Path, rng: np.random.Generator, num_cpus: int | None) -> None:
+def write_files(root: Path, name: str, count: int, rng: np.random.Generator) -> tuple[Path, Path, Path, Path]:
+    """``count`` synthetic pairs of size ``name`` as COCO panoptic files; returns pq_compute_files' args."""
     import json
 
-    from pipeline.eval.evaluate import evaluate_files
-    from pipeline.eval.pq import pq_compute_files
-    from pipeline.ray_setup import RayConfig, init_ray
-
-    (h, w), nseg = SIZES["coco"]
-    root = tmp / "ray"
+    (h, w), nseg = SIZES[name]
     (root / "gt").mkdir(parents=True)
     (root / "pred").mkdir()
     gt_anns, pred_anns = [], []
@@ -238,10 +238,44 @@ def bench_ray(count: int, tmp: Path, rng: np.random.Generator, num_cpus: int | N
         pred_anns.append({"image_id": i, "file_name": f"{i}.png", "segments_info": png_segments(psegs)})
     (root / "gt.json").write_text(json.dumps({"annotations": gt_anns, "categories": CATEGORIES}))
     (root / "pred.json").write_text(json.dumps({"annotations": pred_anns}))
-    args = (root / "gt.json", root / "gt", root / "pred.json", root / "pred")
+    return root / "gt.json", root / "gt", root / "pred.json", root / "pred"
+
+
+def bench_processes(count: int, repeats: int, tmp: Path, rng: np.random.Generator) -> None:
+    """pq_compute_files on 1 and 2 processes over the same Cityscapes-size files, timed in turn."""
+    from pipeline.eval.pq_files import pq_compute_files
+
+    args = write_files(tmp / "processes", "cityscapes", count, rng)
+    t = time.perf_counter()
+    first = pq_compute_files(*args, chunks=1, workers=2)  # starts the fork server (once per process)
+    first_s = time.perf_counter() - t
+    wall: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for workers in wall:
+            t = time.perf_counter()
+            result = pq_compute_files(*args, chunks=1, workers=workers)
+            wall[workers].append(time.perf_counter() - t)
+            assert result == first  # bit-identical whatever the process count
+    one, two = statistics.median(wall[1]), statistics.median(wall[2])
+    print(
+        f"file path (pq_compute_files) over {count} Cityscapes-size image pairs x {repeats} "
+        "(s per call: median / min wall):"
+    )
+    print(f"  1 process  (workers=1)           {one:7.3f} / {min(wall[1]):7.3f}")
+    print(f"  2 processes (workers=2)          {two:7.3f} / {min(wall[2]):7.3f}")
+    print(f"  speed-up 2 vs 1 process          {one / two:7.2f}x / {min(wall[1]) / min(wall[2]):5.2f}x")
+    print(f"  first 2-process call (fork server start included) {first_s:.3f} s")
+
+
+def bench_ray(count: int, tmp: Path, rng: np.random.Generator, num_cpus: int | None) -> None:
+    from pipeline.eval.evaluate import evaluate_files
+    from pipeline.eval.pq_files import pq_compute_files
+    from pipeline.ray_setup import RayConfig, init_ray
+
+    args = write_files(tmp / "ray", "coco", count, rng)
 
     t = time.perf_counter()
-    serial = pq_compute_files(*args, chunks=1)
+    serial = pq_compute_files(*args, chunks=1, workers=1)
     serial_s = time.perf_counter() - t
     init_ray(RayConfig(num_cpus=num_cpus))
     evaluate_files(*args, chunks=1, miou=False, ap=False)  # warm the workers
@@ -265,6 +299,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cityscapes", type=int, default=8, help="Cityscapes-size images")
     parser.add_argument("--coco", type=int, default=24, help="COCO-size images")
+    parser.add_argument(
+        "--files-images", type=int, default=64, help="Cityscapes-size images for 1 vs 2 processes (0: skip)"
+    )
     parser.add_argument("--ray-images", type=int, default=200, help="images for the Ray throughput (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
@@ -275,6 +312,9 @@ def main() -> int:
         tmp = Path(d)
         bench_size("cityscapes", args.cityscapes, args.repeats, tmp, rng)
         bench_size("coco", args.coco, args.repeats, tmp, rng)
+        if args.files_images:
+            # Its own generator, so that the Ray images stay those of runs without this step.
+            bench_processes(args.files_images, args.repeats, tmp, np.random.default_rng(1))
         if args.ray_images:
             bench_ray(args.ray_images, tmp, rng, args.num_cpus)
     return 0

@@ -2,7 +2,7 @@
 
 Every configuration trains the `tiny` preset on the same synthetic images with the same per-worker batch:
 
-    plain loop, T threads          augment + forward/backward + AdamW in this process, no Ray
+    plain loop, T threads          augment + the training step (pipeline.train.step) in this process, no Ray
     Ray Train 1 worker, T threads  `pipeline.train.driver.fit` (Ray Data shard, MLflow logging, checkpoints
     off)
     Ray Train 2 workers, 1 thread  DDP over gloo, one core each
@@ -35,19 +35,19 @@ WARMUP_STEPS = 5
 
 
 def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
-    """The same work as one Ray worker (augment + forward/backward + AdamW) in this process; no Ray."""
+    """The same work as one Ray worker (augment, then pipeline.train.step.train_step with the run's
+    optimiser and schedule) in this process; no Ray."""
     from kmax_model.criterion import build_criterion
     from kmax_model.model import build_model
-    from pipeline.data.augment import AugmentCollate
     from pipeline.data.records import iter_records
-    from pipeline.train.optim import build_optimizer, build_scheduler
+    from pipeline.train.batches import AugmentCollate
+    from pipeline.train.optim import build_optimization
+    from pipeline.train.step import Trainee, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).train()
-    crit = build_criterion(cfg.model)
-    opt = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_multiplier)
-    sched = build_scheduler(opt, cfg.train.steps, cfg.train.warmup_steps)
+    trainee = Trainee(model, build_criterion(cfg.model), *build_optimization(model, cfg.train))
     rows = list(iter_records(cfg.data.prepared_dir, cfg.data.train_split))
     bs = cfg.data.batch_size
     rates, waits, ends = [], [], []
@@ -58,11 +58,7 @@ def plain_loop(cfg, steps: int, threads: int) -> dict[str, float]:
         batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
         data = AugmentCollate(cfg.data.augment, step * bs // len(rows))(batch)
         t1 = time.perf_counter()
-        losses = crit(model(data["images"]), data["targets"])
-        opt.zero_grad()
-        crit.total(losses).backward()
-        opt.step()
-        sched.step()
+        train_step(trainee, lambda data=data: (data["images"], data["targets"]), cfg.train.grad_accum)
         t2 = time.perf_counter()
         ends.append(t2)
         if step >= WARMUP_STEPS:

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import torch
 
-ASSIGNMENT_MODES = ("argmax", "cluster_softmax", "spatial_softmax")
+from kmax_model.config import ASSIGNMENT_MODES
+
 REFERENCE_EPS = 1e-6
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from kmax_model.config_objective import LossConfig, PostProcessConfig, cityscapes_loss_config
 
@@ -22,6 +22,8 @@ BackboneName = Literal[
 ]
 BlockType = Literal["axial", "bottleneck"]
 Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax"]
+ASSIGNMENT_MODES: tuple[str, ...] = get_args(Assignment)
+"""The pixel-to-cluster assignments (kmax_model.clustering), listed once."""
 NormName = Literal["bn", "gn"]
 
 PRESET_NAMES = (
@@ -148,10 +150,8 @@ class TransformerDecoderConfig:
                 f"divisible by decoder.num_heads ({self.num_heads})"
             )
         _unit("decoder.drop_path_rate", self.drop_path_rate)
-        if self.assignment not in ("argmax", "cluster_softmax", "spatial_softmax"):
-            raise ValueError(
-                f"decoder.assignment must be argmax|cluster_softmax|spatial_softmax, got {self.assignment!r}"
-            )
+        if self.assignment not in ASSIGNMENT_MODES:
+            raise ValueError(f"decoder.assignment must be one of {ASSIGNMENT_MODES}, got {self.assignment!r}")
         _positive("decoder.center_init_std", self.center_init_std)
 
 

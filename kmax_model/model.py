@@ -18,7 +18,6 @@ from kmax_model.predictor import KMaXPredictor
 from kmax_model.semantic_head import SemanticHead
 from kmax_model.transformer_decoder import KMaXTransformerDecoder
 
-PREDICTION_KEYS = ("class_logits", "mask_logits", "pixel_feature")
 NUM_DECODER_INPUTS = 3  # F32, F16, F8 feed the transformer decoder; F4 feeds the final head
 
 

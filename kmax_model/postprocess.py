@@ -81,7 +81,7 @@ def semantic_inference(
         [K, H, W] float32 scores; ``argmax(0)`` is the semantic prediction.
     """
     class_probs = class_logits.float().softmax(-1)[:, :-1]  # N x K
-    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size).softmax(0)  # N x H x W
+    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size).softmax(0)
     return torch.einsum("nk,nhw->khw", class_probs, mask_probs)
 
 
@@ -205,11 +205,13 @@ def instance_inference(
     cfg: PostProcessConfig | None = None,
     output_size: tuple[int, int] | None = None,
     valid_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scored instance masks for mask AP (bytedance ``instance_inference``, restricted to thing classes).
 
     The ``max_instances`` best (slot, thing class) pairs by class probability are kept; mask =
     ``softmax_N(masks) > pixel_confidence_threshold``; score = class prob * mean mask prob inside the mask.
+    ``output_size``, ``valid_size``, ``image_size``: see `upsample_mask_logits` (as `panoptic_inference`).
 
     Returns:
         {"masks": bool [n, H, W], "scores": float32 [n] (descending), "class_ids": int64 [n],
@@ -219,7 +221,7 @@ def instance_inference(
     num_classes = class_logits.shape[-1] - 1
     thing = _thing_flags(is_thing, num_classes).to(class_logits.device)
     class_probs = class_logits.float().softmax(-1)[:, :-1]  # N x K
-    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size).softmax(0)  # N x H x W
+    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size, image_size).softmax(0)
     thing_classes = torch.nonzero(thing).flatten()  # T
     pair_scores = class_probs[:, thing_classes].flatten()  # N*T, slot-major
     k = min(cfg.max_instances, pair_scores.numel())

@@ -1,9 +1,11 @@
-"""The `kmax` command: one sub-command per pipeline stage.
+"""The `kmax` command: one sub-command per pipeline stage, and the flags several commands share.
 
 Each sub-command lives in the module that implements its stage; that module exposes
 ``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``run(args: argparse.Namespace) -> int``.
 Modules are imported only when their command is used, so ``kmax synth --help`` does not pay for
-importing Ray, torch and MLflow.
+importing Ray, torch and MLflow. Flags set fields of the typed config (`run_fields`), never strings; every
+path flag is made absolute here, before Ray starts. A command that refuses its input prints one line
+(`fail`) and exits with 2.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
+
+from pipeline.storage import absolute
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.data.synthetic", "write a deterministic synthetic panoptic dataset"),
@@ -25,14 +30,41 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, what: str = "the run", preset: bool = True) -> None:
+    """``--config PRESET_OR_YAML`` (unless ``preset`` is False) and repeatable ``--set dotted.path=value``."""
+    if preset:
+        parser.add_argument(
+            "--config", default="tiny", help="experiment preset name (tiny, resnet50_coco, ...) or YAML file"
+        )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"dotted config override of {what}, e.g. train.lr=1e-3 (repeatable)",
+    )  # fmt: skip
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, run_dir_help: str = "runs/train") -> None:
+    """``--data``, ``--run-dir`` and ``--tracking-uri`` (paths made absolute as they are parsed)."""
+    parser.add_argument(
+        "--data", type=absolute, help="prepared dataset directory (default: the synthetic dataset)"
+    )
+    parser.add_argument("--run-dir", type=absolute, help=f"run directory (default: {run_dir_help})")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite store in the run dir)")
+
+
+def run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields `add_run_arguments`' flags set: {dotted path: typed value}, given flags only."""
+    flags = {"data.prepared_dir": args.data, "run_dir": args.run_dir, "tracking.uri": args.tracking_uri}
+    return {path: value for path, value in flags.items() if value is not None}
+
+
+def fail(command: str, error: Exception | str) -> int:
+    """Print ``kmax COMMAND: error`` on stderr (no traceback); the exit code of refused input."""
+    print(f"kmax {command}: {error}", file=sys.stderr)
+    return 2
+
+
 def _load(name: str):
-    module_name = COMMANDS[name][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -42,8 +74,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (_, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
-        if name == wanted and (module := _load(name)) is not None:
-            module.add_arguments(p)
+        if name == wanted:
+            _load(name).add_arguments(p)
     return parser
 
 
@@ -54,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    module = _load(args.command)
-    if module is None:
-        print(f"kmax {args.command}: not built yet", file=sys.stderr)
-        return 2
-    return int(module.run(args) or 0)
+    return int(_load(args.command).run(args) or 0)
 
 
 if __name__ == "__main__":

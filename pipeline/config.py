@@ -1,7 +1,7 @@
 """`ExperimentConfig`: everything one training run needs, as nested typed dataclasses.
 
 Sections: ``model`` (kmax_model `KMaXConfig`), ``data`` (prepared dataset, splits, batch sizes,
-augmentation = pipeline.data.augment `AugmentConfig`), ``train`` (optimiser, schedule, precision, cadence),
+augmentation `AugmentConfig`), ``train`` (optimiser, schedule, precision, cadence),
 ``scaling`` (Ray Train workers), ``fault`` (restarts), ``tracking`` (MLflow), ``ray`` (how to reach
 Ray), ``run_dir``. Loaded from a preset name or a YAML file, then dotted ``--set`` overrides
 (``train.lr=1e-3``) through kmax_model.config_utils; errors name the dotted field.
@@ -13,21 +13,66 @@ from the prepared manifest, so a config never disagrees with its data.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kmax_model.config import KMaXConfig, preset
 from kmax_model.config_utils import apply_overrides, config_from_dict, config_to_dict, load_yaml
-from pipeline.data.augment import AugmentConfig
 from pipeline.ray_setup import RayConfig
+from pipeline.storage import absolute
 
 Precision = Literal["fp32", "bf16", "fp16"]
+SQLITE_PREFIX = "sqlite:///"
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation and targets; crop_size is (height, width) (an int means a square).
+
+    ``crowd_as_ignore`` (deeplab2's ``treat_crowd_as_ignore``, default True as both references train):
+    crowd pixels are in no mask and ignored by the mask losses. False makes each crowd region one more
+    mask of its class, so the model is told what covers those pixels. The official PQ does not remove a
+    predicted segment's crowd pixels from its IoU, so a thing next to a crowd region is scored with
+    whatever the unsupervised crowd pixels got (the COCO sample's ball beside a person crowd: IoU 0.45
+    with crowd ignored); a segment predicted on the crowd region itself is ignored, not a false positive.
+    """
+
+    crop_size: tuple[int, int] | int = (97, 97)
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+    flip_prob: float = 0.5
+    output_stride: int = 4
+    seed: int = 0
+    crowd_as_ignore: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_size, int):
+            self.crop_size = (self.crop_size, self.crop_size)
+        self.crop_size = tuple(int(v) for v in self.crop_size)
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"augment.crop_size must be (height, width) > 0, got {self.crop_size}")
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ValueError(
+                f"augment.min_scale/max_scale must satisfy 0 < min_scale <= max_scale, got "
+                f"{self.min_scale}, {self.max_scale}"
+            )
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"augment.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.output_stride < 1:
+            raise ValueError(f"augment.output_stride must be >= 1, got {self.output_stride}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Target grid ``ceil(crop / stride)`` per side."""
+        s = self.output_stride
+        return (-(-self.crop_size[0] // s), -(-self.crop_size[1] // s))
 
 
 @dataclass
@@ -54,8 +99,8 @@ class DataConfig:
         min_epoch_rows: a training split with fewer records is repeated inside one data epoch (each copy
             augmented differently) up to at least this many rows, so that training on a small split does
             not restart the Ray Data stream every few steps (a restart costs about a second).
-        synthetic_train / synthetic_val / synthetic_size: the synthetic dataset made when prepared_dir
-            is None.
+        synthetic_train / synthetic_val / synthetic_size / synthetic_seed: the synthetic dataset made when
+            prepared_dir is None (its own seed: replicates over ``train.seed`` train on the same data).
     """
 
     prepared_dir: str | None = None
@@ -72,6 +117,7 @@ class DataConfig:
     synthetic_train: int = 96
     synthetic_val: int = 24
     synthetic_size: int = 96
+    synthetic_seed: int = 0
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "eval_batch_size", "min_epoch_rows")
@@ -240,6 +286,36 @@ def experiment_preset(name: str) -> ExperimentConfig:
             steps=150_000, lr=5e-4, warmup_steps=5000, eval_interval=5000, checkpoint_interval=5000
         ),
     )
+
+
+PATH_FIELDS = ("run_dir", "data.prepared_dir", "model.backbone.pretrained")
+"""Config fields that are file-system paths: made absolute on the driver (`with_absolute_paths`), because
+Ray workers and tasks run in other directories."""
+
+
+def with_fields(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """``cfg`` with typed values set at dotted paths (``{"data.prepared_dir": "/d"}``), validated once."""
+    return apply_overrides(cfg, values) if values else cfg
+
+
+def field_value(cfg: Any, path: str) -> Any:
+    """The value at a dotted path of a config."""
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Every `PATH_FIELDS` path and a relative SQLite tracking URI made absolute (before Ray starts)."""
+    values: dict[str, Any] = {}
+    for path in PATH_FIELDS:
+        value = field_value(cfg, path)
+        if value and absolute(value) != value:
+            values[path] = absolute(value)
+    uri = cfg.tracking.uri or ""
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        values["tracking.uri"] = SQLITE_PREFIX + absolute(uri[len(SQLITE_PREFIX) :])
+    return with_fields(cfg, values)
 
 
 def load_experiment(config: str, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -8,7 +8,9 @@ shared/docs/reference_ray_mlflow.md §7).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,6 +67,20 @@ class RayConfig:
             raise ValueError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
         if self.object_store_gb <= 0:
             raise ValueError(f"ray.object_store_gb must be > 0, got {self.object_store_gb}")
+
+
+def run_cpu_need(num_workers: int, cpus_per_worker: float, driver_cpus: float = 0.0) -> float:
+    """Logical CPUs one training run needs at once: its Train workers, `DATA_CPU_RESERVE` for the Ray Data
+    tasks that feed them and, for a sweep trial, ``driver_cpus`` for its Tune driver."""
+    return driver_cpus + num_workers * cpus_per_worker + DATA_CPU_RESERVE
+
+
+def with_local_cpus(cfg: RayConfig, need: float) -> RayConfig:
+    """A local Ray started with at least ``need`` logical CPUs (all cores otherwise): a small machine is
+    oversubscribed rather than a run refused. A cluster address, or CPUs the user set, are kept."""
+    if cfg.address not in (None, "local") or cfg.num_cpus is not None:
+        return cfg
+    return dataclasses.replace(cfg, num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
 
 
 def quiet_environment() -> None:

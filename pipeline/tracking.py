@@ -133,17 +133,25 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
-def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config dict -> {"model.decoder.num_clusters": "8", ...} (values as strings, truncated)."""
-    out: dict[str, str] = {}
+def flat_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"model.decoder.num_clusters": 8, ...}: the dotted view that MLflow params and
+    the resume check (pipeline.train.resume) share; lists and tuples are leaves."""
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten_params(v, key + "."))
+            out.update(flat_dict(v, key + "."))
         else:
-            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-            out[key] = text[:MAX_PARAM_VALUE]
+            out[key] = v
     return out
+
+
+def flatten_params(d: Mapping[str, Any]) -> dict[str, str]:
+    """Nested config dict -> {"model.decoder.num_clusters": "8", ...} (values as strings, truncated)."""
+    return {
+        k: (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:MAX_PARAM_VALUE]
+        for k, v in flat_dict(d).items()
+    }
 
 
 class RunLogger:
@@ -282,11 +290,3 @@ class BackgroundMetrics:
         self._wake.set()
         self._thread.join()
         self._raise()
-
-
-def run_url(target: TrackingTarget, run_id: str) -> str:
-    """A human pointer to the run: the UI address for a server, else the store URI and run id."""
-    if target.tracking_uri.startswith(("http://", "https://")):
-        exp_id = _client(target.tracking_uri).get_run(run_id).info.experiment_id
-        return f"{target.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return f"{target.tracking_uri} run {run_id}"

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from kmax_model.targets import IGNORE_INDEX, VOID_LABEL
-from pipeline.data.augment import (
-    AugmentCollate,
-    AugmentConfig,
-    TargetCollate,
-    augment_dataset,
-    augment_record,
-    augment_rows,
-    build_target,
-)
+from pipeline.config import AugmentConfig
+from pipeline.data.augment import augment_record, augment_rows
+from pipeline.data.targets import build_target, collate_augmented
+from pipeline.train.batches import AugmentCollate
 
 D = 256
 SEGS = [
@@ -75,14 +70,14 @@ def test_build_target_hand_computed():
     assert crowd["valid"].tolist() == [[True] * 4, [True] * 4, [False, True, True, True]]
     assert crowd["area"][1].tolist() == [4, 2, 2, 3]
     assert crowd["input_index"][2:4, 2:6].tolist() == [[2, 2, 2, 2]] * 2
-    rows = {  # the collates pass the choice on
+    rows = {  # the collate passes the choice on
         "label_grid": g[None],
         "segments": np.array([json.dumps(SEGS)]),
         "image": np.zeros((1, 3, 4, 3), np.uint8),
         "pixel_valid": np.ones((1, 3, 4), bool),
     }
-    assert TargetCollate()(rows)["targets"][0]["labels"].tolist() == [3, 0, 1]
-    assert TargetCollate(crowd_as_ignore=False)(rows)["targets"][0]["labels"].tolist() == [3, 0, 0, 1]
+    assert collate_augmented(rows)["targets"][0]["labels"].tolist() == [3, 0, 1]
+    assert collate_augmented(rows, crowd_as_ignore=False)["targets"][0]["labels"].tolist() == [3, 0, 0, 1]
 
 
 def _sample(h=30, w=40):
@@ -128,7 +123,7 @@ def test_random_scale_crop_is_reproducible_per_epoch_and_record():
 
 
 @pytest.mark.ray
-def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
+def test_iter_torch_batches_accepts_the_collate(ray_session, tmp_path):
     from pipeline.data.records import load_dataset
     from pipeline.data.synthetic import make_prepared_synthetic
 
@@ -136,7 +131,12 @@ def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
     ds = load_dataset(data, "train", lazy=False)
     cfg = AugmentConfig(crop_size=33, min_scale=0.75, max_scale=1.25, seed=3)
     a = list(ds.iter_torch_batches(batch_size=4, collate_fn=AugmentCollate(cfg, epoch=0)))
-    b = list(augment_dataset(ds, cfg, epoch=0).iter_torch_batches(batch_size=4, collate_fn=TargetCollate()))
+    rows = ds.take_all()
+    stored = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    b = [  # the same batches built without Ray: augment_rows then collate_augmented
+        collate_augmented(augment_rows({k: v[i : i + 4] for k, v in stored.items()}, cfg, epoch=0))
+        for i in (0, 4)
+    ]
     c = list(ds.iter_torch_batches(batch_size=4, collate_fn=AugmentCollate(cfg, epoch=1)))
     assert [x["images"].shape[0] for x in a] == [4, 2]
     x = a[0]
@@ -144,7 +144,7 @@ def test_iter_torch_batches_accepts_the_collates(ray_session, tmp_path):
     assert x["images"].min() >= -1 and x["images"].max() <= 1
     assert len(x["targets"]) == 4 and x["targets"][0]["masks"].shape[1:] == (9, 9)
     assert x["targets"][0]["labels"].dtype == torch.int64 and x["targets"][0]["valid"].dtype == torch.bool
-    for u, v in zip(a, b):  # the collate path and the Ray Data path give the same batches
+    for u, v in zip(a, b, strict=True):  # Ray Data's batches of the collate == the plain functions' batches
         assert torch.equal(u["images"], v["images"])
         assert all(torch.equal(tu[k], tv[k]) for tu, tv in zip(u["targets"], v["targets"]) for k in tu)
     assert not torch.equal(a[0]["images"], c[0]["images"])  # a new epoch re-randomises
@@ -176,11 +176,11 @@ def test_small_split_is_repeated_within_an_epoch_with_distinct_augmentations(ray
 
 
 def test_normalised_batch_equals_the_model_normalisation_bit_for_bit():
-    """The numpy normalisation of the collates == kmax_model.targets.normalize_images * valid (torch)."""
+    """The numpy normalisation of the collate == kmax_model.targets.normalize_images * valid (torch)."""
     import torch
 
     from kmax_model.targets import normalize_images
-    from pipeline.data.augment import normalised_batch
+    from pipeline.data.targets import normalised_batch
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(3)]

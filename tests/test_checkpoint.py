@@ -1,4 +1,5 @@
-"""Checkpoint format: atomic write, weights_only round trip, RNG restore, incompatible-config refusal."""
+"""Checkpoint format (atomic write, weights_only round trip, RNG restore) and the resume refusal of an
+incompatible config."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train import checkpoint as ckpt
+from pipeline import checkpoint as ckpt
+from pipeline.train import resume
 from pipeline.train.optim import build_optimizer, build_scheduler
 
 
@@ -90,28 +92,28 @@ def test_incompatible_config_is_refused_naming_fields():
         "model": {"num_classes": 3, "decoder": {"num_clusters": 16}},
         "train": {"steps": 50, "lr": 0.02},
     }
-    with pytest.raises(ckpt.IncompatibleCheckpointError) as err:
-        ckpt.check_compatible(CONFIG, current, "runs/x/checkpoint_000003")
+    with pytest.raises(resume.IncompatibleCheckpointError) as err:
+        resume.check_compatible(CONFIG, current, "runs/x/checkpoint_000003")
     msg = str(err.value)
     assert "model.decoder.num_clusters: checkpoint=8 now=16" in msg
     assert "train.lr: checkpoint=0.01 now=0.02" in msg
     assert "train.steps" not in msg  # a longer run may resume
     assert "runs/x/checkpoint_000003" in msg
     # equal configs (tuples vs lists from YAML) pass
-    ckpt.check_compatible({"a": {"b": (1, 2)}}, {"a": {"b": [1, 2]}}, "x")
+    resume.check_compatible({"a": {"b": (1, 2)}}, {"a": {"b": [1, 2]}}, "x")
 
 
 def test_field_added_after_the_checkpoint_passes_only_at_its_default():
     saved = {"data": {"batch_size": 2}}  # written before data.eval_long_side existed
     defaults = {"data": {"batch_size": 16, "eval_long_side": None}}
-    ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x", defaults)
-    refused = ckpt.IncompatibleCheckpointError
+    resume.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x", defaults)
+    refused = resume.IncompatibleCheckpointError
     with pytest.raises(refused, match="data.eval_long_side: checkpoint='<absent>' now=960"):
-        ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": 960}}, "x", defaults)
+        resume.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": 960}}, "x", defaults)
     with pytest.raises(refused, match="data.eval_long_side"):  # no defaults: refused
-        ckpt.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x")
+        resume.check_compatible(saved, {"data": {"batch_size": 2, "eval_long_side": None}}, "x")
     with pytest.raises(refused, match="data.batch_size: checkpoint=2 now='<absent>'"):
-        ckpt.check_compatible(saved, {"data": {}}, "x", defaults)  # a removed field is still a difference
+        resume.check_compatible(saved, {"data": {}}, "x", defaults)  # a removed field is still a difference
 
 
 def test_foreign_or_missing_file_is_a_clear_error(tmp_path):

@@ -12,7 +12,8 @@ from kmax_model.targets import VOID_LABEL
 from pipeline.cli import main as kmax_main
 from pipeline.data import coco
 from pipeline.data.panoptic import ConvertContext, rgb2id
-from pipeline.data.records import decode_record, iter_records, read_manifest, source_id_map
+from pipeline.data.records import decode_record, iter_records, read_manifest
+from tests.shard_helpers import source_id_map
 
 pytestmark = pytest.mark.ray
 

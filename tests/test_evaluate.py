@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.records import MANIFEST_NAME, SCHEMA_VERSION, encode_label, encode_segments, write_shard
+from pipeline.data.records import MANIFEST_NAME, SCHEMA_VERSION, encode_label, encode_segments
 from pipeline.eval.evaluate import evaluate_files, evaluate_prepared
-from pipeline.eval.pq import VOID_LABEL, pq_compute_files
-from pipeline.eval.pq_files import load_json, pair_annotations, read_id_png
-from pipeline.eval.stats import EvalSpec, flat_metrics, image_eval_stats, reduce_eval_stats
+from pipeline.eval.pq import VOID_LABEL
+from pipeline.eval.pq_files import load_json, pair_annotations, pq_compute_files, read_id_png
+from pipeline.eval.stats import EvalSpec, eval_metrics, image_eval_stats, reduce_eval_stats
+from tests.shard_helpers import write_shard
 
 
 def _case(pq_oracle_dir: Path, name: str = "random_small") -> tuple[Path, Path, Path, Path]:
@@ -39,8 +40,9 @@ def test_ground_truth_against_itself_on_real_coco(ray_session, coco_sample_dir: 
     ann = coco_sample_dir / "annotations"
     folder = ann / "panoptic_val2017"
     r = evaluate_files(ann / "panoptic_val2017.json", folder, ann / "panoptic_val2017.json", folder, chunks=1)
-    m = flat_metrics(r)
-    assert (m["PQ"], m["PQ_th"], m["PQ_st"], m["mIoU"], m["AP"]) == (100.0, 100.0, 100.0, 100.0, 100.0)
+    m = eval_metrics(r)
+    names = ("eval/pq_all", "eval/pq_things", "eval/pq_stuff", "eval/miou", "eval/ap")
+    assert tuple(m[k] for k in names) == (100.0, 100.0, 100.0, 100.0, 100.0)
 
 
 def _write_prepared(case: tuple[Path, Path, Path, Path], out: Path) -> Path:
@@ -170,6 +172,8 @@ def test_cli_files_mode_and_errors(ray_session, pq_oracle_dir: Path, tmp_path: P
     assert "missing --gt-folder --pred-json --pred-folder" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", "x.pt"]) == 2
     assert "--checkpoint needs --data" in capsys.readouterr().err
+    written_metrics = written["metrics"]  # named as training logs them
+    assert written_metrics["eval/pq_all"] == 100 * expected["All"]["pq"]
     bad = tmp_path / "pred.json"
     data = json.loads(Path(case[2]).read_text())
     data["annotations"][0]["segments_info"][0]["category_id"] = 999
@@ -209,4 +213,4 @@ def test_given_semantic_and_postprocess_instances_are_used() -> None:
     assert r["pq"]["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 2}
     assert r["miou"]["per_class"] == {0: 48 / 52, 1: 0.75}
     assert r["ap"]["AP"] == pytest.approx(1.0)  # the wrong instance ranks below the only true positive
-    assert flat_metrics(r)["mIoU"] == pytest.approx(100 * (48 / 52 + 0.75) / 2)
+    assert eval_metrics(r)["eval/miou"] == pytest.approx(100 * (48 / 52 + 0.75) / 2)

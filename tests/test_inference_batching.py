@@ -17,8 +17,8 @@ from kmax_model import build_model, preset
 from kmax_model.postprocess import upsample_mask_logits
 from pipeline.cli import main as kmax_main
 from pipeline.config import DataConfig
-from pipeline.data.records import read_manifest
-from pipeline.eval.predictor import Predictor, eval_batch, input_size, iter_decoded, pad_size
+from pipeline.data.records import iter_decoded, read_manifest
+from pipeline.eval.predictor import Predictor, eval_batch, input_size, pad_size
 
 pytestmark = pytest.mark.ray
 
@@ -60,6 +60,9 @@ def test_predictions_are_the_same_in_a_batch_and_one_by_one(sample_161):
     alone = [predictor([r])[0] for r in records]
     for a, b in zip(together, alone):
         assert np.array_equal(a["label_map"], b["label_map"]) and a["segments"] == b["segments"]
+        assert all(
+            np.array_equal(a["instances"][k], b["instances"][k]) for k in ("masks", "scores", "class_ids")
+        )
 
     # why it matters: the smaller image padded to the larger one's size gets other logits (4e-4 of their
     # scale for this untrained model, far above float noise; on a trained model it moved the PQ of these two
@@ -95,6 +98,7 @@ def test_eval_long_side_resizes_the_input_and_keeps_the_stored_size(sample_161):
     assert sorted(model.sizes) == sorted([(185, 325), (217, 325)])  # 4k + 1 around the 2x sizes
     for pred, size in zip(doubled, stored):
         assert pred["label_map"].shape == size
+        assert pred["instances"]["masks"].shape[1:] == size  # mask AP is scored at the stored size too
         ids, counts = np.unique(pred["label_map"], return_counts=True)
         areas = dict(zip(ids.tolist(), counts.tolist()))
         assert pred["segments"] and all(areas[s["id"]] == s["area"] for s in pred["segments"])

@@ -17,7 +17,9 @@ from kmax_model.mask_points import (
     slot_targets_at,
 )
 from kmax_model.postprocess import upsample_mask_logits
-from pipeline.data.augment import AugmentConfig, augment_record, build_target
+from pipeline.config import AugmentConfig
+from pipeline.data.augment import augment_record
+from pipeline.data.targets import build_target
 from tests.test_criterion import K, _outputs, _target, _targets
 
 GRID = LossConfig(insdis_sample_k=16, semantic_sample_k=16)

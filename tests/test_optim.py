@@ -82,7 +82,7 @@ def test_scheduler_drives_every_group_and_resumes():
     # state round trip: a fresh scheduler loaded from the state dict continues identically
     opt2 = build_optimizer(model, lr=2e-3, weight_decay=0.05, backbone_multiplier=0.1)
     sched2 = build_scheduler(opt2, total_steps=20, warmup_steps=4, power=1.0)
-    opt2.load_state_dict(opt.state_dict())  # a resume loads both, as pipeline.train.checkpoint.restore does
+    opt2.load_state_dict(opt.state_dict())  # a resume loads both, as pipeline.checkpoint.restore does
     sched2.load_state_dict(sched.state_dict())
     assert opt.param_groups[head]["lr"] == pytest.approx(2e-3 * (1 - 8 / 20))
     for _ in range(3):

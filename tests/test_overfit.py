@@ -3,13 +3,14 @@ with the input-resolution mask loss to PQ >= 93 against the full-resolution labe
 
 The images (65 x 65: two stuff regions split at a random row, discs and squares as two thing classes)
 are generated here; targets are built at the output-stride grid by strided subsampling (as the reference
-implementations do), the model is trained with the real criterion, and the post-processed predictions
-are scored against the targets with the project's PQ (`pipeline.eval.pq`).
+implementations do), the model is trained with the real criterion and training step (pipeline.train.step), and
+the post-processed predictions are scored against the targets with the project's PQ (`pipeline.eval.pq`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import kmax_model
 from kmax_model.criterion import build_criterion
 from kmax_model.postprocess import panoptic_inference
 from kmax_model.targets import IGNORE_INDEX, Target, normalize_images
+from pipeline.train.step import Trainee, train_step
 
 SIZE = 65  # 2 * 32 + 1: the 17 x 17 output-stride grid aligns corner to corner with the image
 STRIDE = 4
@@ -122,23 +124,20 @@ def _samples() -> tuple[list[tuple[np.ndarray, np.ndarray]], torch.Tensor]:
 
 
 def _train(cfg, images: torch.Tensor, targets: list[Target]) -> tuple[torch.nn.Module, dict, dict]:
-    """STEPS full-batch AdamW steps; returns the model and the first and last loss dicts."""
+    """STEPS full-batch AdamW steps of the project's training step (pipeline.train.step, as the Ray
+    workers run it); returns the model and the first and last loss dicts."""
     torch.manual_seed(SEED)
     model = kmax_model.build_model(cfg)
-    criterion = build_criterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    trainee = Trainee(model, build_criterion(cfg), optimizer)
     generator = torch.Generator().manual_seed(SEED)
     model.train()
     first: dict[str, float] = {}
     for _ in range(STEPS):
-        losses = criterion(model(images), targets, generator)
-        total = criterion.total(losses)
-        assert torch.isfinite(total)
-        first = first or {k: v.item() for k, v in losses.items()}
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-    return model, first, {k: v.item() for k, v in losses.items()}
+        losses = train_step(trainee, lambda: (images, targets), generator=generator)
+        assert math.isfinite(losses["loss"])
+        first = first or losses
+    return model, first, losses
 
 
 def _predict(model, cfg, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> list:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.eval.pq import VOID_LABEL, PQInputError, pq_compute_files, pq_image_stats, reduce_pq_stats
+from pipeline.eval.pq import VOID_LABEL, PQInputError, pq_image_stats, reduce_pq_stats
+from pipeline.eval.pq_files import pq_compute_files
 
 
 @pytest.fixture

@@ -15,11 +15,10 @@ from pipeline.eval.pq import (
     VOID_LABEL,
     ImagePQStats,
     normalize_categories,
-    pq_compute_files,
     pq_image_stats,
     reduce_pq_stats,
 )
-from pipeline.eval.pq_files import load_json, pair_annotations, read_id_png
+from pipeline.eval.pq_files import load_json, pair_annotations, pq_compute_files, read_id_png
 
 CASES = ("edges", "random_small", "coco_sample")
 

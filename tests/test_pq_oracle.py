@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.eval.pq import GROUPS, pq_compute_files
+from pipeline.eval.pq import GROUPS
+from pipeline.eval.pq_files import pq_compute_files
 
 CASES = ("edges", "random_small", "coco_sample")
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import records
+from tests.shard_helpers import source_id_map, write_shard
 
 
 def _row(i: int, label: np.ndarray) -> dict:
@@ -57,14 +58,14 @@ def test_label_round_trip_keeps_void_and_large_ids():
 def test_shards_are_byte_identical_and_decode(tmp_path):
     label = np.array([[1281, 1281, -1], [1281, 3, 3]], np.int32)
     rows = [_row(i, label) for i in range(3)]
-    a = records.write_shard(rows, tmp_path / "a.parquet")
-    b = records.write_shard(rows, tmp_path / "b.parquet")
+    a = write_shard(rows, tmp_path / "a.parquet")
+    b = write_shard(rows, tmp_path / "b.parquet")
     assert a["sha256"] == b["sha256"] and a["rows"] == 3
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     # a split folder with a manifest is readable through the public API
     split = tmp_path / "data" / "val"
     split.mkdir(parents=True)
-    entry = records.write_shard(rows, split / "shard-00000.parquet")
+    entry = write_shard(rows, split / "shard-00000.parquet")
     (split / "manifest.json").write_text(
         json.dumps({"schema_version": records.SCHEMA_VERSION, "shards": [entry]})
     )
@@ -73,7 +74,7 @@ def test_shards_are_byte_identical_and_decode(tmp_path):
     assert np.array_equal(got[1]["label"], label)
     assert got[2]["image"].shape == (2, 3, 3) and int(got[2]["image"][0, 0, 0]) == 20
     assert got[0]["segments"][0]["source_id"] == 1234
-    src = records.source_id_map(got[0]["label"], got[0]["segments"])
+    src = source_id_map(got[0]["label"], got[0]["segments"])
     assert src.tolist() == [[1234, 1234, 0], [1234, 0, 0]]
 
 
@@ -90,7 +91,7 @@ def test_shard_bytes_do_not_depend_on_how_rows_arrive(tmp_path):
         _row(0, label) | {"record_id": str(i), "image": rng.bytes(int(rng.integers(100_000, 400_000)))}
         for i in range(records.ROW_GROUP_SIZE + 9)
     ]
-    one = records.write_shard(rows, tmp_path / "one.parquet")
+    one = write_shard(rows, tmp_path / "one.parquet")
     table = pa.Table.from_pylist(rows, schema=records.RECORD_SCHEMA)
     writer = records.ShardWriter(tmp_path / "pieces.parquet")
     for a, b in ((0, 1), (1, 40), (40, 40), (40, 70), (70, len(rows))):

@@ -13,9 +13,9 @@ from pipeline.sweep.study import SEED_PATH, Study, resolve_study, variant_name
 
 def test_named_studies_grids():
     assert [t[studies.ASSIGNMENT] for t in resolve_study("assignment").trials()] == [
-        "spatial_softmax",
-        "cluster_softmax",
         "argmax",
+        "cluster_softmax",
+        "spatial_softmax",
     ]
     assert len(resolve_study("coord_conv", seeds=3).trials()) == 6
     assert [v[studies.DEPTH] for v in resolve_study("decoder_depth").variants()] == [

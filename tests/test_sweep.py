@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sweep.driver import (
-    DONE_FILE,
-    PARAMETERS_METRIC,
-    AshaConfig,
-    max_concurrent_trials,
-    run_sweep,
-    trial_key,
-)
-from pipeline.sweep.study import Study
+from pipeline.config import load_experiment, with_absolute_paths, with_fields
+from pipeline.ray_setup import run_cpu_need
+from pipeline.sweep.asha import AshaConfig
+from pipeline.sweep.driver import DRIVER_CPUS, max_concurrent_trials, run_sweep
+from pipeline.sweep.study import Study, trial_key
+from pipeline.sweep.trial import DONE_FILE, PARAMETERS_METRIC
 from tests.sweep_helpers import FAILED_ONCE, KEPT, OVERRIDES, STEPS, STUDY, shared_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_max_concurrent_trials_formula():
     # need = 0.25 driver + 1 x 0.5 worker + 1 data = 1.75 -> floor(4 / 1.75) = 2
-    assert max_concurrent_trials(4, 1, 0.5) == 2
+    assert run_cpu_need(1, 0.5, DRIVER_CPUS) == 1.75
+    assert max_concurrent_trials(4, run_cpu_need(1, 0.5, DRIVER_CPUS)) == 2
     # 16 CPUs, 2 workers x 1 CPU: need 3.25 -> 4 trials
-    assert max_concurrent_trials(16, 2, 1.0) == 4
+    assert max_concurrent_trials(16, run_cpu_need(2, 1.0, DRIVER_CPUS)) == 4
     # exact fit counts: need 2.0 on 2 CPUs -> 1
-    assert max_concurrent_trials(2, 1, 0.5, driver_cpus=0.5, data_reserve=1.0) == 1
+    assert max_concurrent_trials(2, run_cpu_need(1, 0.5, driver_cpus=0.5)) == 1
     with pytest.raises(ValueError, match="one trial needs 2.25 CPUs"):
-        max_concurrent_trials(2, 1, 1.0)
+        max_concurrent_trials(2, run_cpu_need(1, 1.0, DRIVER_CPUS))
 
 
 def test_trial_keys_are_deterministic_and_distinct():
@@ -94,10 +92,48 @@ def test_sweep_interrupted_then_resumed_runs_only_missing_trials(ray_session, tm
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_trial_configs_are_base_plus_overrides_and_tune_sees_the_dimensions(ray_session, tmp_path_factory):
+    """Typed configs end to end: each trial's config is the base with its point and its locations applied
+    once (what the trial trained, bound to the data's classes, is that config); Tune's own result table has
+    a column per swept path, and its run and trial names are deterministic."""
+    from kmax_model.config_utils import load_yaml
+    from pipeline.config import ExperimentConfig
+    from pipeline.train.driver import bind_data
+
+    s = shared_sweep(tmp_path_factory)
+    base = with_absolute_paths(s.base)
+    for key, spec in s.resumed.specs.items():
+        locations = {
+            "run_dir": str(s.sweep_dir / "trials" / key),
+            "tracking.uri": s.resumed.tracking_uri,
+            "tracking.experiment_name": f"sweep-{STUDY.name}",
+            "tracking.run_name": key,
+        }
+        assert spec.point == {"model.decoder.assignment": key.split("=")[1].split("__")[0], "train.seed": 0}
+        assert spec.cfg == with_fields(base, {**spec.point, **locations})
+        ran = load_yaml(ExperimentConfig, str(spec.run_dir / "config.yaml"))
+        assert ran == bind_data(spec.cfg)
+    # Tune's table holds the trials that reported: argmax in the first call (cluster_softmax failed at its
+    # first step), cluster_softmax in the resumed call, which ran only it
+    for summary, ran in ((s.first, "argmax"), (s.resumed, "cluster_softmax")):
+        table = summary.results.get_dataframe()
+        assert {"config/model.decoder.assignment", "config/train.seed"} <= set(table.columns)
+        assert table["config/model.decoder.assignment"].tolist() == [ran]
+        assert table["config/train.seed"].tolist() == [0]
+    assert sorted(r.config["model.decoder.assignment"] for r in s.first.results) == [
+        "argmax",
+        "cluster_softmax",
+    ]
+    assert sorted(Path(r.path).name for r in s.first.results) == sorted([KEPT, FAILED_ONCE])
+    assert {Path(r.path).parent for r in s.first.results} == {s.sweep_dir / "tune" / f"tune-{STUDY.name}"}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sweep_refuses_to_overwrite_without_resume(ray_session, tmp_path_factory):
     s = shared_sweep(tmp_path_factory)
     with pytest.raises(ValueError, match="pass --resume"):
-        run_sweep(STUDY, s.sweep_dir, "tiny", [])
+        run_sweep(STUDY, s.sweep_dir, s.base)
 
 
 def test_sweep_script_runs_standalone():
@@ -157,7 +193,8 @@ def test_asha_stops_the_trial_behind_on_pq_and_later_trials_still_run(ray_sessio
         "model.postprocess.overlap_threshold=0.0",
         "scaling.cpus_per_worker=2",  # with num_workers=1 from OVERRIDES: 3.25 CPUs, one trial at a time
     ]
-    summary = run_sweep(study, root / "sweep", "tiny", overrides, asha=AshaConfig(1, 2))
+    base = load_experiment("tiny", overrides)
+    summary = run_sweep(study, root / "sweep", base, asha=AshaConfig(1, 2))
     assert summary.failed == [] and summary.finished == keys and summary.stopped == [keys[1]]
 
     client = MlflowClient(summary.tracking_uri)
@@ -173,5 +210,5 @@ def test_asha_stops_the_trial_behind_on_pq_and_later_trials_still_run(ray_sessio
     assert done["early_stopped"] is True and done["metrics"]["step"] in (12, 24)
     rows = {r.variant: r for r in load_sweep(summary.tracking_uri, "t_asha").rows}
     assert rows["stuff_area_limit=100000"].early_stopped == 1
-    again = run_sweep(study, root / "sweep", "tiny", overrides, resume=True, asha=AshaConfig(1, 2))
+    again = run_sweep(study, root / "sweep", base, resume=True, asha=AshaConfig(1, 2))
     assert again.skipped == keys and again.finished == []

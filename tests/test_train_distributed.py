@@ -15,9 +15,11 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.eval.predictor import evaluate_checkpoint
-from pipeline.train import checkpoint as ckpt
+from pipeline import checkpoint as ckpt
+from pipeline.eval.evaluate import evaluate_prepared
+from pipeline.eval.predictor import predictor_from_checkpoint
 from pipeline.train.driver import fit
+from tests import fault_hooks
 from tests.conftest import REPO
 from tests.train_helpers import TINY_STEPS, make_data, metric_steps, tiny_config
 
@@ -38,7 +40,8 @@ def killed_run(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp")
     marker = run_dir / "killed.marker"
     cfg = tiny_config(data_dir, run_dir, "fault.max_failures=1", workers=2)
-    summary = fit(cfg, fault_injection={"step": 3, "rank": 1, "marker": str(marker), "delay_s": 0.0})
+    fault_hooks.by_value()
+    summary = fit(cfg, hooks=[fault_hooks.KillWorker(step=3, rank=1, marker=str(marker))])
     return summary, marker
 
 
@@ -61,8 +64,9 @@ def test_distributed_validation_equals_single_process(killed_run, data_dir):
     """PQ gathered from 2 workers (each predicting half of the images) == one process predicting all."""
     summary, _ = killed_run
     logged = metric_steps(summary.tracking_uri, summary.mlflow_run_id, "eval/pq_all")[-1][1]
-    single = evaluate_checkpoint(summary.checkpoint, data_dir, "val", batch_size=3)
-    assert logged == pytest.approx(100 * single["All"]["pq"], abs=1e-9)
+    predictor, _ = predictor_from_checkpoint(summary.checkpoint, data_dir, "val")
+    single = evaluate_prepared(data_dir, "val", predictor, batch_size=3)
+    assert logged == pytest.approx(100 * single["pq"]["All"]["pq"], abs=1e-9)
 
 
 def test_multinode_matches_single_node(killed_run, data_dir, tmp_path):

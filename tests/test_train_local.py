@@ -9,9 +9,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import checkpoint as ckpt
 from pipeline.data.records import read_manifest
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.driver import fit, latest_checkpoint
+from pipeline.train.resume import IncompatibleCheckpointError
+from tests import fault_hooks
 from tests.train_helpers import TINY_STEPS, make_data, metric_steps, model_weights, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -79,8 +81,9 @@ def test_resume_after_stop_gives_the_same_weights(straight, data_dir, tmp_path):
     run_dir = tmp_path / "resumed"
     marker = tmp_path / "killed"
     cfg = tiny_config(data_dir, run_dir)
+    fault_hooks.by_value()
     with pytest.raises(Exception, match="[Ww]orker|[Tt]raining failed") as err:
-        fit(cfg, fault_injection={"step": 3, "rank": 0, "marker": str(marker), "delay_s": 4.0})
+        fit(cfg, hooks=[fault_hooks.KillWorker(step=3, rank=0, marker=str(marker), delay_s=4.0)])
     assert marker.exists(), str(err.value)[:3000]
     assert ckpt.load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
     resumed = fit(cfg)
@@ -103,25 +106,27 @@ def test_resume_after_stop_gives_the_same_weights(straight, data_dir, tmp_path):
 def test_incompatible_config_is_refused(straight, data_dir):
     cfg = tiny_config(data_dir, straight.run_dir, "model.decoder.num_clusters=16", "train.lr=0.5")
     expected = "model.decoder.num_clusters: checkpoint=32 now=16"
-    with pytest.raises(ckpt.IncompatibleCheckpointError, match=expected):
+    with pytest.raises(IncompatibleCheckpointError, match=expected):
         fit(cfg)
 
 
-def test_kmax_evaluate_checkpoint_matches_in_process(straight, data_dir, tmp_path):
-    """`kmax evaluate --checkpoint` (Ray tasks over the shards) gives the in-process PQ of the checkpoint."""
+def test_validation_metrics_equal_kmax_evaluate_of_the_checkpoint(straight, data_dir, tmp_path):
+    """One evaluation path: what training validation logged at the last step equals, field for field, what
+    `kmax evaluate --checkpoint` (Ray tasks over the shards) reports for that step's checkpoint."""
     from pipeline.cli import main
-    from pipeline.eval.predictor import evaluate_checkpoint
 
     out = tmp_path / "eval.json"
     args = ["evaluate", "--checkpoint", str(straight.checkpoint), "--data", str(data_dir)]
     assert main([*args, "--split", "val", "--out", str(out)]) == 0
-    via_cli = json.loads(out.read_text())["pq"]
-    in_process = evaluate_checkpoint(straight.checkpoint, data_dir, "val", batch_size=3)
-    for group in ("All", "Things", "Stuff"):
-        assert via_cli[group]["n"] == in_process[group]["n"]
-        for key in ("pq", "sq", "rq"):
-            a, b = via_cli[group][key], in_process[group][key]
-            assert (a is None and b is None) or a == pytest.approx(b, abs=1e-12), (group, key)
+    reported = json.loads(out.read_text())["metrics"]
+    run = MlflowClient(straight.tracking_uri).get_run(straight.mlflow_run_id)
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    assert {"eval/pq_all", "eval/pq_things", "eval/miou", "eval/ap", "eval/ap50"} <= set(logged)
+    assert reported == logged  # the latest value of each key is the final step's
+    for key in logged:
+        assert [s for s, _ in metric_steps(straight.tracking_uri, straight.mlflow_run_id, key)][
+            -1
+        ] == TINY_STEPS
     wrong = main(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(data_dir)])
     assert wrong != 0
 

@@ -43,7 +43,7 @@ def make_data(root: Path) -> Path:
 
 
 def model_weights(checkpoint_file: str | Path) -> dict[str, torch.Tensor]:
-    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint_file)["model"]
 

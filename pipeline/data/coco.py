@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.data.panoptic import ConvertContext, build_label, finish_record, rgb2id
+from pipeline.data.panoptic import ConvertContext, build_label, finish_record, png_segment_ids
 from pipeline.data.quarantine import (
     DUPLICATE_IMAGE_ID,
     NO_IMAGE_ENTRY,
@@ -156,7 +154,7 @@ def convert_png_row(row: dict, ctx: ConvertContext) -> dict:
     if row["height"] > 0:
         check_size(png_rel, "PNG", png_hw, (row["height"], row["width"]))
     check_size(img_rel, "image", (image.height, image.width), png_hw)
-    ids = rgb2id(np.asarray(png.convert("RGB")))
+    ids = png_segment_ids(png)
     label, segments = build_label(ids, json.loads(row["segments_info"]), ctx, png_rel)
     return finish_record(row["record_id"], img_rel, image_bytes, image, label, segments, ctx)
 

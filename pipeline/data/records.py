@@ -115,12 +115,13 @@ def decode_record(row: dict) -> dict:
     return out
 
 
-def source_id_map(label: np.ndarray, segments: list[dict]) -> np.ndarray:
-    """Rebuild the source dataset's id map (0 = void) from a record's label map: a round-trip check."""
-    out = np.zeros(label.shape, dtype=np.int64)
-    for seg in segments:
-        out[label == seg["id"]] = seg["source_id"]
-    return out
+def iter_decoded(
+    data_dir: str | Path, split: str, rank: int = 0, world: int = 1
+) -> Iterator[tuple[int, dict]]:
+    """(index, decoded record) of this rank's share of a split: records with ``index % world == rank``."""
+    for i, row in enumerate(iter_records(data_dir, split)):
+        if i % world == rank:
+            yield i, decode_record(row)
 
 
 def split_dir(data_dir: str | Path, split: str) -> Path:
@@ -128,15 +129,20 @@ def split_dir(data_dir: str | Path, split: str) -> Path:
 
 
 def read_manifest(data_dir: str | Path, split: str) -> dict:
-    """The manifest of a prepared split; raises FileNotFoundError naming the path when absent."""
+    """The manifest of a prepared split; FileNotFoundError / ValueError naming the file when it is absent,
+    not JSON or of another schema version."""
     path = split_dir(data_dir, split) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"no prepared split '{split}' here: {path} does not exist (run `kmax prepare`)"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: schema_version {version} != {SCHEMA_VERSION}")
     return manifest
 
 
@@ -307,10 +313,3 @@ class ShardSequence:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def write_shard(rows: list[dict], path: str | Path) -> dict:
-    """Write rows (dicts with `RECORD_FIELDS`) as one shard; returns its manifest entry (`ShardWriter`)."""
-    writer = ShardWriter(path)
-    writer.add(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
-    return writer.close()

@@ -95,70 +95,104 @@ def _texture(name: str, base, yy, xx, rng) -> np.ndarray:
     return img
 
 
-def draw_scene(cfg: SceneConfig, rng: np.random.Generator) -> Scene:
-    h, w = cfg.height, cfg.width
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    n_things = len(cfg.things)
-    cls = np.full((h, w), -1, np.int32)
-    inst = np.zeros((h, w), np.int32)
-    crowd = np.zeros((h, w), bool)
-    img = np.zeros((h, w, 3), np.float32)
+@dataclass
+class _Canvas:
+    """A scene being drawn: float image, class map (-1 void), instance map (0 none) and crowd mask."""
 
-    # Stuff: a slanted horizon splits two classes; a third (when drawn) takes one side of the upper part.
+    img: np.ndarray
+    cls: np.ndarray
+    inst: np.ndarray
+    crowd: np.ndarray
+    yy: np.ndarray
+    xx: np.ndarray
+
+    @classmethod
+    def empty(cls, h: int, w: int) -> _Canvas:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        return cls(
+            np.zeros((h, w, 3), np.float32), np.full((h, w), -1, np.int32), np.zeros((h, w), np.int32),
+            np.zeros((h, w), bool), yy, xx,
+        )  # fmt: skip
+
+
+def _draw_stuff(c: _Canvas, cfg: SceneConfig, rng: np.random.Generator) -> None:
+    """A slanted horizon splits two stuff classes; a third (when drawn) takes one side of the upper part."""
+    h, w = cfg.height, cfg.width
     n_stuff = int(rng.integers(2, len(cfg.stuff) + 1))
     chosen = rng.permutation(len(cfg.stuff))[:n_stuff]
-    horizon = h * rng.uniform(0.3, 0.65) + rng.uniform(-0.3, 0.3) * (xx - w / 2)
-    regions = [yy < horizon, yy >= horizon]
+    horizon = h * rng.uniform(0.3, 0.65) + rng.uniform(-0.3, 0.3) * (c.xx - w / 2)
+    regions = [c.yy < horizon, c.yy >= horizon]
     if n_stuff == 3:
-        split = w * rng.uniform(0.3, 0.7) + rng.uniform(-0.5, 0.5) * (yy - h / 2)
-        left = xx < split
+        split = w * rng.uniform(0.3, 0.7) + rng.uniform(-0.5, 0.5) * (c.yy - h / 2)
+        left = c.xx < split
         regions = [regions[0] & left, regions[1], regions[0] & ~left]
     for k, region in zip(chosen, regions):
         name, _, base, _ = cfg.stuff[k]
-        img[region] = _texture(name, base, yy, xx, rng)[region]
-        cls[region] = n_things + k
+        c.img[region] = _texture(name, base, c.yy, c.xx, rng)[region]
+        c.cls[region] = len(cfg.things) + k
 
-    obj = 0
+
+def _draw_crowd(c: _Canvas, cfg: SceneConfig, rng: np.random.Generator) -> None:
+    """Sometimes a tight cluster of small same-class objects: one crowd region."""
+    h, w, size = cfg.height, cfg.width, min(cfg.height, cfg.width)
+    if rng.random() >= cfg.crowd_prob:
+        return
+    k = int(rng.integers(len(cfg.things)))
+    name, _, base, _ = cfg.things[k]
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    for _ in range(int(rng.integers(4, 7))):
+        r = rng.uniform(0.04, 0.07) * size
+        m = _shape_mask(
+            name, c.yy, c.xx, cy + rng.normal(0, 0.06 * size), cx + rng.normal(0, 0.06 * size), r, 1.0
+        )
+        c.img[m] = np.asarray(base, np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
+        c.cls[m], c.crowd[m], c.inst[m] = k, True, 0
+
+
+def _draw_things(c: _Canvas, cfg: SceneConfig, rng: np.random.Generator) -> dict[int, int]:
+    """1..max_things instances, each over what was there; returns {instance: drawn area}."""
+    h, w, size = cfg.height, cfg.width, min(cfg.height, cfg.width)
     drawn_area: dict[int, int] = {}
-    size = min(h, w)
-    if rng.random() < cfg.crowd_prob:  # a tight cluster of small same-class objects = one crowd region
-        c = int(rng.integers(n_things))
-        name, _, base, _ = cfg.things[c]
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        for _ in range(int(rng.integers(4, 7))):
-            r = rng.uniform(0.04, 0.07) * size
-            m = _shape_mask(
-                name, yy, xx, cy + rng.normal(0, 0.06 * size), cx + rng.normal(0, 0.06 * size), r, 1.0
-            )
-            img[m] = np.asarray(base, np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
-            cls[m], crowd[m], inst[m] = c, True, 0
     for _ in range(int(rng.integers(1, cfg.max_things + 1))):
-        c = int(rng.integers(n_things))
-        name, _, base, _ = cfg.things[c]
+        k = int(rng.integers(len(cfg.things)))
+        name, _, base, _ = cfg.things[k]
         r = 0.5 * rng.uniform(cfg.min_thing_frac, cfg.max_thing_frac) * size
         cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        m = _shape_mask(name, yy, xx, cy, cx, r, rng.uniform(0.75, 1.3))
+        m = _shape_mask(name, c.yy, c.xx, cy, cx, r, rng.uniform(0.75, 1.3))
         if not m.any():
             continue
-        obj += 1
+        obj = len(drawn_area) + 1
         colour = np.asarray(base, np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
-        img[m] = colour + rng.uniform(-6, 6, size=(int(m.sum()), 3))
-        cls[m], inst[m], crowd[m] = c, obj, False
+        c.img[m] = colour + rng.uniform(-6, 6, size=(int(m.sum()), 3))
+        c.cls[m], c.inst[m], c.crowd[m] = k, obj, False
         drawn_area[obj] = int(m.sum())
+    return drawn_area
 
-    void_kind = 0
-    if rng.random() < cfg.void_prob:
-        vh, vw = int(rng.uniform(0.1, 0.22) * h), int(rng.uniform(0.1, 0.22) * w)
-        y0, x0 = int(rng.integers(0, h - vh)), int(rng.integers(0, w - vw))
-        img[y0 : y0 + vh, x0 : x0 + vw] = rng.uniform(15, 60, size=(vh, vw, 1))
-        cls[y0 : y0 + vh, x0 : x0 + vw] = -1
-        inst[y0 : y0 + vh, x0 : x0 + vw] = 0
-        crowd[y0 : y0 + vh, x0 : x0 + vw] = False
-        void_kind = int(rng.integers(0, 3))
+
+def _draw_void(c: _Canvas, cfg: SceneConfig, rng: np.random.Generator) -> int:
+    """Sometimes an unlabelled dark patch; returns its kind (which Cityscapes void label it becomes)."""
+    h, w = cfg.height, cfg.width
+    if rng.random() >= cfg.void_prob:
+        return 0
+    vh, vw = int(rng.uniform(0.1, 0.22) * h), int(rng.uniform(0.1, 0.22) * w)
+    y0, x0 = int(rng.integers(0, h - vh)), int(rng.integers(0, w - vw))
+    patch = (slice(y0, y0 + vh), slice(x0, x0 + vw))
+    c.img[patch] = rng.uniform(15, 60, size=(vh, vw, 1))
+    c.cls[patch], c.inst[patch], c.crowd[patch] = -1, 0, False
+    return int(rng.integers(0, 3))
+
+
+def draw_scene(cfg: SceneConfig, rng: np.random.Generator) -> Scene:
+    """One scene; every random number comes from ``rng``, in a fixed order (same rng state, same scene)."""
+    c = _Canvas.empty(cfg.height, cfg.width)
+    _draw_stuff(c, cfg, rng)
+    _draw_crowd(c, cfg, rng)
+    drawn_area = _draw_things(c, cfg, rng)
+    void_kind = _draw_void(c, cfg, rng)
     for o, full in drawn_area.items():  # heavily occluded slivers become void
-        vis = inst == o
+        vis = c.inst == o
         n = int(vis.sum())
         if n and (n < MIN_VISIBLE_PIXELS or n < MIN_VISIBLE_FRACTION * full):
-            cls[vis], inst[vis] = -1, 0
-    img += rng.uniform(-8, 8)  # global brightness jitter
-    return Scene(np.clip(img, 0, 255).astype(np.uint8), cls, inst, crowd, void_kind)
+            c.cls[vis], c.inst[vis] = -1, 0
+    c.img += rng.uniform(-8, 8)  # global brightness jitter
+    return Scene(np.clip(c.img, 0, 255).astype(np.uint8), c.cls, c.inst, c.crowd, void_kind)

@@ -21,11 +21,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from pipeline.data.scene import Scene, SceneConfig, draw_scene
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 SPLITS = ("train", "val")
 SEGMENT_ID_STRIDE = 1000
@@ -193,6 +197,20 @@ def make_prepared_synthetic(
                 )
             )
     return out / "prepared"
+
+
+def ensure_synthetic(out: str | Path, data: DataConfig, echo=print) -> Path:
+    """The synthetic dataset a data config describes (``data.synthetic_*``), prepared under ``out/prepared``;
+    made on first use, reused after (a rerun, the other trials of a sweep). Returns the prepared folder."""
+    out = Path(out)
+    prepared = out / "prepared"
+    if not (prepared / data.val_split / "manifest.json").is_file():
+        echo(f"making the synthetic dataset in {out} ...")
+        size = data.synthetic_size
+        make_prepared_synthetic(
+            out, data.synthetic_train, data.synthetic_val, size, size, data.synthetic_seed, progress=False
+        )
+    return prepared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,10 @@ numbers do not depend on how many tasks or workers ran (PQ floats follow the off
 Two sources:
 - files (COCO panoptic JSON + PNG folders): `evaluate_files`, tasks over slices of the image list;
 - a prepared split (pipeline.data.records shards) and a ``predict`` callable (decoded records -> predictions):
-  `evaluate_prepared`, one task per Parquet row group. ``kmax evaluate --checkpoint`` builds ``predict`` from
-  a checkpoint through ``pipeline.eval.predictor.predictor_from_checkpoint``.
+  `evaluate_prepared`, one task per Parquet row group, through `pipeline.eval.stats.stats_of_records` as the
+  training validation. ``kmax evaluate --checkpoint`` builds ``predict`` from a checkpoint through
+  `pipeline.eval.predictor.predictor_from_checkpoint`. ``--out`` writes the result with its "metrics"
+  named as training logs them (`pipeline.eval.stats.eval_metrics`).
 
 Predictions are dicts as described in `pipeline.eval.stats` (``label_map``, ``segments``, optional
 ``semantic`` and ``instances``).
@@ -25,10 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.eval.pq import PNG_VOID_ID, PQInputError, format_result
-from pipeline.eval.stats import EvalSpec, ImageEvalStats, image_eval_stats, reduce_eval_stats
+from pipeline.eval.stats import (
+    EvalSpec,
+    ImageEvalStats,
+    eval_metrics,
+    image_eval_stats,
+    reduce_eval_stats,
+    stats_of_records,
+)
+from pipeline.storage import absolute
 
 IMAGES_PER_TASK = 16
 """Default number of images one Ray task evaluates (files mode)."""
+PREDICT_BATCH = 8
+"""Records predicted together when no batch size is given (a checkpoint's own: ``data.eval_batch_size``)."""
 
 # ----------------------------------------------------------------------------------------------- Ray drivers
 
@@ -54,28 +66,14 @@ def _files_task(spec: EvalSpec, pairs: list) -> list[ImageEvalStats]:
     return out
 
 
-def _prepared_task(spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable) -> list:
+def _prepared_task(spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable, batch: int):
     import pyarrow.parquet as pq_io
 
     from pipeline.data.records import decode_record
 
     rows = pq_io.ParquetFile(path).read_row_group(row_group).to_pylist()
-    records = [decode_record(r) for r in rows]
-    preds = predict(records)
-    if len(preds) != len(records):
-        raise ValueError(f"predict returned {len(preds)} predictions for {len(records)} records of {path}")
-    return [
-        image_eval_stats(
-            spec,
-            offset + i,
-            r["record_id"],
-            r["label"],
-            r["segments"],
-            p,
-            name=f"record {r['record_id']!r} ({path}, row {offset + i})",
-        )
-        for i, (r, p) in enumerate(zip(records, preds))
-    ]
+    records = ((offset + i, decode_record(r)) for i, r in enumerate(rows))
+    return stats_of_records(spec, predict, records, batch, where=f"{path}, ")
 
 
 def _gather(ray, refs: list, total: int, progress: bool) -> list[ImageEvalStats]:
@@ -118,7 +116,7 @@ def evaluate_files(
 ) -> dict[str, Any]:
     """COCO panoptic files evaluated in Ray tasks of ``images_per_task`` images (Ray started if needed).
 
-    The PQ part equals `pipeline.eval.pq.pq_compute_files` bit for bit whatever ``images_per_task``."""
+    The PQ part equals `pipeline.eval.pq_files.pq_compute_files` bit for bit whatever ``images_per_task``."""
     from pipeline.eval.pq_files import load_json, pair_annotations
     from pipeline.ray_setup import init_ray
 
@@ -143,14 +141,15 @@ def evaluate_prepared(
     split: str,
     predict: Callable[[list[dict]], list[dict]],
     *,
+    batch_size: int = PREDICT_BATCH,
     chunks: int | None = None,
     miou: bool = True,
     ap: bool = True,
     ray_config=None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """A prepared split scored against ``predict`` (picklable; called once per Parquet row group inside a Ray
-    task with the decoded records of that group, see pipeline.data.records.decode_record)."""
+    """A prepared split scored against ``predict`` (picklable; called in one Ray task per Parquet row group
+    with ``batch_size`` decoded records at a time, see pipeline.data.records.decode_record)."""
     import pyarrow.parquet as pq_io
 
     from pipeline.data.records import read_manifest, shard_paths
@@ -165,7 +164,7 @@ def evaluate_prepared(
     for path in shard_paths(data_dir, split):
         meta = pq_io.ParquetFile(path).metadata
         for g in range(meta.num_row_groups):
-            refs.append(task.remote(spec_ref, str(path), g, offset, predict_ref))
+            refs.append(task.remote(spec_ref, str(path), g, offset, predict_ref, batch_size))
             offset += meta.row_group(g).num_rows
     return reduce_eval_stats(spec, _gather(ray, refs, offset, progress))
 
@@ -175,38 +174,38 @@ def evaluate_prepared(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("files (COCO panoptic format)")
-    files.add_argument("--gt-json", help="ground-truth panoptic JSON")
-    files.add_argument("--gt-folder", help="folder of the ground-truth PNGs")
-    files.add_argument("--pred-json", help="prediction panoptic JSON (segments_info may carry 'score')")
-    files.add_argument("--pred-folder", help="folder of the predicted PNGs")
-    ckpt = parser.add_argument_group("a trained model")
-    ckpt.add_argument("--checkpoint", help="training checkpoint")
-    ckpt.add_argument("--data", help="prepared dataset directory (kmax prepare --out)")
-    ckpt.add_argument("--split", default="val", help="prepared split (default: val)")
-    parser.add_argument(
-        "--chunks",
-        type=int,
-        default=None,
-        help="official PQ process count to reproduce bit for bit (default: os.cpu_count())",
+    files.add_argument("--gt-json", type=absolute, help="ground-truth panoptic JSON")
+    files.add_argument("--gt-folder", type=absolute, help="folder of the ground-truth PNGs")
+    files.add_argument(
+        "--pred-json", type=absolute, help="prediction panoptic JSON (segments_info may carry 'score')"
     )
+    files.add_argument("--pred-folder", type=absolute, help="folder of the predicted PNGs")
+    ckpt = parser.add_argument_group("a trained model")
+    ckpt.add_argument("--checkpoint", type=absolute, help="training checkpoint")
+    ckpt.add_argument("--data", type=absolute, help="prepared dataset directory (kmax prepare --out)")
+    ckpt.add_argument("--split", default="val", help="prepared split (default: val)")
+    ckpt.add_argument("--batch-size", type=int, help="records per forward pass (default: the checkpoint's)")
+    parser.add_argument(
+        "--chunks", type=int, default=None,
+        help="official PQ process count to reproduce bit for bit (default: os.cpu_count())",
+    )  # fmt: skip
     parser.add_argument("--no-miou", action="store_true", help="skip the semantic mIoU")
     parser.add_argument("--no-ap", action="store_true", help="skip mask AP")
     parser.add_argument("--images-per-task", type=int, default=IMAGES_PER_TASK)
-    parser.add_argument("--out", help="write the full result as JSON here")
+    parser.add_argument("--out", type=absolute, help="write the full result as JSON here")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a local Ray)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
 
 
-def _summary(result: Mapping[str, Any]) -> str:
+def summary(result: Mapping[str, Any]) -> str:
+    """The official PQ table, then mIoU and mask AP (percent)."""
     lines = [format_result(result["pq"]), f"images: {result['num_images']}"]
     if "miou" in result:
         v = result["miou"]["miou"]
         lines.append("mIoU: -" if v is None else f"mIoU: {100 * v:.1f}")
     if "ap" in result:
-        lines.append(
-            "mask AP: "
-            + "  ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}'}" for k, v in result["ap"].items())
-        )
+        aps = "  ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}'}" for k, v in result["ap"].items())
+        lines.append("mask AP: " + aps)
     return "\n".join(lines)
 
 
@@ -218,42 +217,49 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def run(args: argparse.Namespace) -> int:
+FILE_FLAGS = ("gt_json", "gt_folder", "pred_json", "pred_folder")
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the combination of flags, or None."""
+    given = [getattr(args, f) for f in FILE_FLAGS]
+    if args.checkpoint:
+        if any(given):
+            return "give either the four file flags or --checkpoint/--data, not both"
+        return None if args.data else "--checkpoint needs --data PREPARED_DIR (and --split)"
+    missing = ["--" + f.replace("_", "-") for f, v in zip(FILE_FLAGS, given) if not v]
+    return f"missing {' '.join(missing)} (or use --checkpoint)" if missing else None
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.ray_setup import RayConfig
 
-    file_flags = [args.gt_json, args.gt_folder, args.pred_json, args.pred_folder]
-    if args.checkpoint and any(file_flags):
-        print(
-            "kmax evaluate: give either the four file flags or --checkpoint/--data, not both", file=sys.stderr
-        )
+    kw = dict(
+        chunks=args.chunks, miou=not args.no_miou, ap=not args.no_ap, progress=True,
+        ray_config=RayConfig(address=args.ray_address, num_cpus=args.num_cpus),
+    )  # fmt: skip
+    if not args.checkpoint:
+        files = [getattr(args, f) for f in FILE_FLAGS]
+        return evaluate_files(*files, images_per_task=args.images_per_task, **kw)
+    from pipeline.eval.predictor import predictor_from_checkpoint
+
+    predict, cfg = predictor_from_checkpoint(args.checkpoint, args.data, args.split)
+    batch = args.batch_size or cfg.data.eval_batch_size
+    return evaluate_prepared(args.data, args.split, predict, batch_size=batch, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _usage_error(args)
+    if problem:
+        print(f"kmax evaluate: {problem}", file=sys.stderr)
         return 2
     try:
-        ray_cfg = RayConfig(address=args.ray_address, num_cpus=args.num_cpus)
-        kw = dict(
-            chunks=args.chunks, miou=not args.no_miou, ap=not args.no_ap, ray_config=ray_cfg, progress=True
-        )
-        if args.checkpoint:
-            if not args.data:
-                print("kmax evaluate: --checkpoint needs --data PREPARED_DIR (and --split)", file=sys.stderr)
-                return 2
-            from pipeline.eval.predictor import predictor_from_checkpoint
-
-            predict = predictor_from_checkpoint(args.checkpoint, args.data, args.split)
-            result = evaluate_prepared(args.data, args.split, predict, **kw)
-        else:
-            missing = [
-                f
-                for f, v in zip(("--gt-json", "--gt-folder", "--pred-json", "--pred-folder"), file_flags)
-                if not v
-            ]
-            if missing:
-                print(f"kmax evaluate: missing {' '.join(missing)} (or use --checkpoint)", file=sys.stderr)
-                return 2
-            result = evaluate_files(*file_flags, images_per_task=args.images_per_task, **kw)
+        result = _evaluate(args)
     except (PQInputError, FileNotFoundError, ValueError) as exc:
         print(f"kmax evaluate: {exc}", file=sys.stderr)
         return 1
-    print(_summary(result))
+    result["metrics"] = eval_metrics(result)
+    print(summary(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(_jsonable(result), indent=1))

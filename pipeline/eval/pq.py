@@ -41,10 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.records import VOID_LABEL
 from pipeline.eval.pq_table import pair_table
-
-VOID_LABEL = -1
-"""Void in in-memory label maps; mirrors ``kmax_model.targets.VOID_LABEL`` (not imported: it pulls torch)."""
 
 PNG_VOID_ID = 0
 """Void in COCO panoptic PNGs (id 0, black)."""
@@ -163,33 +161,70 @@ def pq_image_stats(
     cats = (
         categories if isinstance(categories, Mapping) else {c.id: c for c in normalize_categories(categories)}
     )
-    gt = np.asarray(gt_map)
-    pred = np.asarray(pred_map)
+    gt, pred = _check_maps(gt_map, pred_map, name)
+    gsegs = _segment_table(gt_segments, "ground-truth", name, void_label)
+    psegs = _segment_table(pred_segments, "prediction", name, void_label)
+    _check_categories({"ground-truth": gsegs, "prediction": psegs}, cats, name)
+    # Both segment lists sorted by id: row-major order of the (gt, pred) table is then the official
+    # ascending (gt_id, pred_id) order in which true-positive IoUs are summed.
+    g = _SortedSegments(gsegs)
+    p = _SortedSegments(psegs)
+    table = pair_table(gt, g.ids, pred, p.ids, void_label)
+    # rows: GT segments (sorted), GT void, GT unlisted ids; columns: predictions (sorted), pred void, unknown.
+    p_area = _check_prediction_ids(table, pred, p.ids, void_label, name)
+    n_g, n_p = len(g.ids), len(p.ids)
+    g_area = np.array(
+        [int(s["area"]) if "area" in s else int(table[k].sum()) for k, s in enumerate(g.segments)],
+        dtype=np.int64,
+    )
+    g_crowd = np.array([int(s.get("iscrowd", 0)) == 1 for s in g.segments], dtype=bool)
+    inter, p_void = table[:n_g, :n_p], table[n_g, :n_p]
+    candidate = (inter > 0) & (g.categories[:, None] == p.categories[None, :]) & ~g_crowd[:, None]
+    union = p_area[None, :] + g_area[:, None] - inter - p_void[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Float division and comparison exactly as the official tool (matters only for corrupt GT areas).
+        tp = candidate & (inter / np.where(candidate, union, 1) > MATCH_IOU)
+    tg, tpp = np.nonzero(tp)  # row-major: ascending (gt_id, pred_id)
+    fn = _count_by_category(g.categories[~tp.any(axis=1) & ~g_crowd])
+    crowd = _crowd_overlap(table, _last_crowd_rows(gsegs, g.order), p.categories)
+    # an unmatched prediction mostly on void or on its class's crowd region is ignored, not a false positive
+    fp_mask = ~tp.any(axis=0) & ~((p_void + crowd) / np.maximum(p_area, 1) > MATCH_IOU)
+    return ImagePQStats(
+        index=int(index),
+        image_id=image_id,
+        tp_category=g.categories[tg],
+        tp_intersection=inter[tg, tpp].astype(np.int64),
+        tp_union=union[tg, tpp].astype(np.int64),
+        fp=_count_by_category(p.categories[fp_mask]),
+        fn=fn,
+    )
+
+
+def _check_maps(gt_map: Any, pred_map: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    gt, pred = np.asarray(gt_map), np.asarray(pred_map)
     if gt.ndim != 2 or gt.shape != pred.shape:
         raise PQInputError(
             f"{name}: label maps must be 2-D of one shape, got gt {gt.shape} and pred {pred.shape}"
         )
     if not (np.issubdtype(gt.dtype, np.integer) and np.issubdtype(pred.dtype, np.integer)):
         raise PQInputError(f"{name}: label maps must be integer, got gt {gt.dtype} and pred {pred.dtype}")
-    gsegs = _segment_table(gt_segments, "ground-truth", name, void_label)
-    psegs = _segment_table(pred_segments, "prediction", name, void_label)
-    for what, segs in (("ground-truth", gsegs), ("prediction", psegs)):
-        for s in segs:
-            if int(s["category_id"]) not in cats:
-                raise PQInputError(
-                    f"{name}: {what} segment id {int(s['id'])} has unknown category_id {s['category_id']}"
-                )
+    return gt, pred
 
-    # Sort both segment lists by id so that row-major order of the (gt, pred) table is the official
-    # ascending (gt_id, pred_id) order in which true-positive IoUs are summed.
-    g_order = sorted(range(len(gsegs)), key=lambda i: int(gsegs[i]["id"]))
-    p_order = sorted(range(len(psegs)), key=lambda i: int(psegs[i]["id"]))
-    g_ids = np.array([int(gsegs[i]["id"]) for i in g_order], dtype=np.int64)
-    p_ids = np.array([int(psegs[i]["id"]) for i in p_order], dtype=np.int64)
-    n_g, n_p = len(g_ids), len(p_ids)
-    table = pair_table(gt, g_ids, pred, p_ids, void_label)
-    # rows: GT segments (sorted), GT void, GT unlisted ids; columns: predictions (sorted), pred void, unknown.
 
+class _SortedSegments:
+    """A segment list sorted by id: ``order`` (positions in the given list), ``segments``, ``ids`` and
+    ``categories`` (int64 arrays) in that order."""
+
+    def __init__(self, segments: list):
+        self.order = sorted(range(len(segments)), key=lambda i: int(segments[i]["id"]))
+        self.segments = [segments[i] for i in self.order]
+        self.ids = np.array([int(s["id"]) for s in self.segments], dtype=np.int64)
+        self.categories = np.array([int(s["category_id"]) for s in self.segments], dtype=np.int64)
+
+
+def _check_prediction_ids(table: np.ndarray, pred: np.ndarray, p_ids: np.ndarray, void_label: int, name: str):
+    """Every predicted id is listed and every listed prediction is in the map; returns the predicted areas."""
+    n_p = len(p_ids)
     if table[:, n_p + 1].any():
         listed = np.append(p_ids, void_label)
         unknown = np.setdiff1d(np.unique(pred[~np.isin(pred, listed)]), listed)
@@ -203,52 +238,43 @@ def pq_image_stats(
         raise PQInputError(
             f"{name}: prediction segment id(s) {missing} are in the segment list but not in the map"
         )
+    return p_area
 
-    g_cat = np.array([int(gsegs[i]["category_id"]) for i in g_order], dtype=np.int64)
-    g_crowd = np.array([int(gsegs[i].get("iscrowd", 0)) == 1 for i in g_order], dtype=bool)
-    g_area = np.array(
-        [int(gsegs[i]["area"]) if "area" in gsegs[i] else int(table[k].sum()) for k, i in enumerate(g_order)],
+
+def _check_categories(segment_lists: dict[str, list], cats: Mapping[int, Category], name: str) -> None:
+    for what, segs in segment_lists.items():
+        for seg in segs:
+            if int(seg["category_id"]) not in cats:
+                raise PQInputError(
+                    f"{name}: {what} segment id {int(seg['id'])} has unknown category_id {seg['category_id']}"
+                )
+
+
+def _crowd_overlap(table: np.ndarray, crowd_row: dict[int, int], p_categories: np.ndarray) -> np.ndarray:
+    """int64 [P]: each prediction's pixels on the crowd region of its own category (0 when none)."""
+    return np.array(
+        [int(table[crowd_row[int(c)], j]) if int(c) in crowd_row else 0 for j, c in enumerate(p_categories)],
         dtype=np.int64,
     )
-    p_cat = np.array([int(psegs[i]["category_id"]) for i in p_order], dtype=np.int64)
-    inter = table[:n_g, :n_p]
-    p_void = table[n_g, :n_p]
 
-    candidate = (inter > 0) & (g_cat[:, None] == p_cat[None, :]) & ~g_crowd[:, None]
-    union = p_area[None, :] + g_area[:, None] - inter - p_void[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # Float division and comparison exactly as the official tool (matters only for corrupt GT areas).
-        tp = candidate & (inter / np.where(candidate, union, 1) > MATCH_IOU)
-    tg, tpp = np.nonzero(tp)  # row-major: ascending (gt_id, pred_id)
-    g_matched = tp.any(axis=1)
-    p_matched = tp.any(axis=0)
 
-    fn: dict[int, int] = {}
-    for k in np.nonzero(~g_matched & ~g_crowd)[0].tolist():
-        c = int(g_cat[k])
-        fn[c] = fn.get(c, 0) + 1
-    # The official tool keeps one crowd region per category: the last in segment-list order.
+def _last_crowd_rows(gsegs: list, g_order: list[int]) -> dict[int, int]:
+    """{category: table row of its crowd region}; the official tool keeps one crowd region per category,
+    the last in segment-list order."""
     rank = {i: k for k, i in enumerate(g_order)}
-    crowd_row: dict[int, int] = {}
+    rows: dict[int, int] = {}
     for i, s in enumerate(gsegs):
         if int(s.get("iscrowd", 0)) == 1:
-            crowd_row[int(s["category_id"])] = rank[i]
-    fp: dict[int, int] = {}
-    for j in np.nonzero(~p_matched)[0].tolist():
-        c = int(p_cat[j])
-        ignored = int(p_void[j]) + (int(table[crowd_row[c], j]) if c in crowd_row else 0)
-        if ignored / int(p_area[j]) > MATCH_IOU:
-            continue
-        fp[c] = fp.get(c, 0) + 1
-    return ImagePQStats(
-        index=int(index),
-        image_id=image_id,
-        tp_category=g_cat[tg],
-        tp_intersection=inter[tg, tpp].astype(np.int64),
-        tp_union=union[tg, tpp].astype(np.int64),
-        fp=fp,
-        fn=fn,
-    )
+            rows[int(s["category_id"])] = rank[i]
+    return rows
+
+
+def _count_by_category(categories: np.ndarray) -> dict[int, int]:
+    """{category: count} in order of first appearance (as the official per-category loop counts)."""
+    out: dict[int, int] = {}
+    for c in categories.tolist():
+        out[int(c)] = out.get(int(c), 0) + 1
+    return out
 
 
 def chunk_bounds(num_images: int, chunks: int) -> list[tuple[int, int]]:
@@ -293,63 +319,69 @@ def reduce_pq_stats(
             raise PQInputError(
                 f"two images share the index {a.index} (image ids {a.image_id!r}, {b.image_id!r})"
             )
-    known = {c.id for c in cats}
-    iou: dict[int, float] = {}
-    tp: dict[int, int] = {}
-    fp: dict[int, int] = {}
-    fn: dict[int, int] = {}
-    for start, stop in chunk_bounds(len(ordered), chunks or default_chunks()):
+    totals = _sum_in_official_order(ordered, chunks or default_chunks())
+    unknown = (set(totals.tp) | set(totals.fp) | set(totals.fn)) - {c.id for c in cats}
+    if unknown:
+        raise PQInputError(f"statistics carry category ids {sorted(unknown)} absent from categories")
+    result: dict[str, Any] = {}
+    per_class: dict[int, dict[str, float]] = {}
+    for group, isthing in GROUPS:
+        result[group] = _group_average(
+            totals, [c for c in cats if isthing is None or c.isthing == isthing], per_class
+        )
+    result["per_class"] = per_class
+    return result
+
+
+@dataclass
+class _Totals:
+    """Per-category sums over the dataset: IoU of true positives, and tp / fp / fn counts."""
+
+    iou: dict[int, float] = field(default_factory=dict)
+    tp: dict[int, int] = field(default_factory=dict)
+    fp: dict[int, int] = field(default_factory=dict)
+    fn: dict[int, int] = field(default_factory=dict)
+
+
+def _sum_in_official_order(ordered: list[ImagePQStats], chunks: int) -> _Totals:
+    """IoUs summed image by image inside each ``np.array_split`` piece, then piece by piece."""
+    t = _Totals()
+    for start, stop in chunk_bounds(len(ordered), chunks):
         part: dict[int, float] = {}
         for s in ordered[start:stop]:
             for c, i, u in zip(s.tp_category.tolist(), s.tp_intersection.tolist(), s.tp_union.tolist()):
                 # int / int is correctly rounded, as numpy int64 / int64 in the official tool.
                 part[c] = part.get(c, 0.0) + (i / u if u else math.copysign(math.inf, i))
-                tp[c] = tp.get(c, 0) + 1
-            for src, dst in ((s.fp, fp), (s.fn, fn)):
+                t.tp[c] = t.tp.get(c, 0) + 1
+            for src, dst in ((s.fp, t.fp), (s.fn, t.fn)):
                 for c, v in src.items():
                     dst[c] = dst.get(c, 0) + v
         for c, v in part.items():
-            iou[c] = iou.get(c, 0.0) + v
-    unknown = (set(tp) | set(fp) | set(fn)) - known
-    if unknown:
-        raise PQInputError(f"statistics carry category ids {sorted(unknown)} absent from categories")
-
-    result: dict[str, Any] = {}
-    per_class: dict[int, dict[str, float]] = {}
-    for group, isthing in GROUPS:
-        pq_sum = sq_sum = rq_sum = 0.0
-        n = 0
-        for c in cats:
-            if isthing is not None and c.isthing != isthing:
-                continue
-            t, f_p, f_n = tp.get(c.id, 0), fp.get(c.id, 0), fn.get(c.id, 0)
-            if t + f_p + f_n == 0:
-                per_class[c.id] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
-                continue
-            n += 1
-            s_iou = iou.get(c.id, 0.0)
-            # Same float expressions as the official pq_average.
-            denom = t + 0.5 * f_p + 0.5 * f_n
-            pq_c, sq_c, rq_c = s_iou / denom, (s_iou / t if t != 0 else 0.0), t / denom
-            per_class[c.id] = {"pq": pq_c, "sq": sq_c, "rq": rq_c}
-            pq_sum += pq_c
-            sq_sum += sq_c
-            rq_sum += rq_c
-        if n == 0:
-            result[group] = {"pq": None, "sq": None, "rq": None, "n": 0}
-        else:
-            result[group] = {"pq": pq_sum / n, "sq": sq_sum / n, "rq": rq_sum / n, "n": n}
-    result["per_class"] = per_class
-    return result
+            t.iou[c] = t.iou.get(c, 0.0) + v
+    return t
 
 
-def pq_compute_files(
-    gt_json: Any, gt_folder: Any, pred_json: Any, pred_folder: Any, chunks: int | None = None
-):
-    """PQ of COCO panoptic files (JSON + PNG folders); see `pipeline.eval.pq_files.pq_compute_files`."""
-    from pipeline.eval.pq_files import pq_compute_files as _files
-
-    return _files(gt_json, gt_folder, pred_json, pred_folder, chunks=chunks)
+def _group_average(t: _Totals, cats: list[Category], per_class: dict) -> dict[str, Any]:
+    """The group's mean pq / sq / rq over its classes with tp + fp + fn > 0 (the same float expressions as
+    the official pq_average); fills ``per_class`` (0.0 for classes left out)."""
+    pq_sum = sq_sum = rq_sum = 0.0
+    n = 0
+    for c in cats:
+        tp, fp, fn = t.tp.get(c.id, 0), t.fp.get(c.id, 0), t.fn.get(c.id, 0)
+        if tp + fp + fn == 0:
+            per_class[c.id] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+            continue
+        n += 1
+        s_iou = t.iou.get(c.id, 0.0)
+        denom = tp + 0.5 * fp + 0.5 * fn
+        pq_c, sq_c, rq_c = s_iou / denom, (s_iou / tp if tp != 0 else 0.0), tp / denom
+        per_class[c.id] = {"pq": pq_c, "sq": sq_c, "rq": rq_c}
+        pq_sum += pq_c
+        sq_sum += sq_c
+        rq_sum += rq_c
+    if n == 0:
+        return {"pq": None, "sq": None, "rq": None, "n": 0}
+    return {"pq": pq_sum / n, "sq": sq_sum / n, "rq": rq_sum / n, "n": n}
 
 
 def format_result(result: Mapping[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""Predicting panoptic maps of prepared records with a kMaX model, and scoring them with pipeline.eval.pq.
+"""The predictor: a kMaX model (or a training checkpoint) turned into predictions of decoded records.
 
-Used by the training loop's periodic validation (each worker predicts the records ``i % world == rank``
-and returns per-image integer PQ stats; rank 0 reduces them in image order) and by
-``kmax evaluate --checkpoint CKPT --data DIR --split NAME`` through `evaluate_checkpoint`.
+Used by the training loop's validation (pipeline.train.validation) and by ``kmax evaluate --checkpoint``
+(pipeline.eval.evaluate); both score the predictions with pipeline.eval.stats. A prediction holds the
+panoptic map and its segments (kmax_model.postprocess.panoptic_inference) and the scored instances of
+kmax_model.postprocess.instance_inference (the references' mask AP: the best ``max_instances`` (slot,
+thing class) pairs).
 
 Evaluation input: the stored image (already at its prepared size), normalised and zero-padded at the
 bottom/right to ``data.eval_size`` (or, when None, to the smallest ``4k + 1`` size holding the image,
@@ -22,17 +24,18 @@ number of workers (measured on the 2 real COCO sample images before this rule: P
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kmax_model.postprocess import panoptic_inference
-from kmax_model.targets import VOID_LABEL, normalize_images
+from kmax_model.postprocess import instance_inference, panoptic_inference
+from kmax_model.targets import normalize_images
+from pipeline.config import ExperimentConfig
 from pipeline.data.augment import resize_image
-from pipeline.data.records import decode_record, iter_records, read_manifest
+from pipeline.data.records import read_manifest
 
 EVAL_PAD_MULTIPLE = 4
 """Dynamic eval sizes are ``EVAL_PAD_MULTIPLE * k + 1`` (output stride 4, align-corners resizing)."""
@@ -109,12 +112,14 @@ class Predictor:
         self.postprocess = postprocess
         self.eval_size = eval_size
         self.eval_long_side = eval_long_side
-        self.device = device or torch.device("cpu")
+        self.device = torch.device(device or "cpu")
 
     @torch.no_grad()
     def __call__(self, records: Sequence[dict], return_assignments: bool = False) -> list[dict]:
-        """Decoded records -> per record {"label_map" int32 np [h, w], "segments", optionally "assignments"
-        (list over decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}."""
+        """Decoded records -> per record {"label_map" int32 np [h, w], "segments", "instances" ({"masks" bool
+        np [n, h, w], "scores" float32 np [n], "class_ids" int64 np [n]}), optionally "assignments" (list over
+        decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}. Images of equal padded
+        size share one forward pass."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(records):
             size = input_size(int(r["height"]), int(r["width"]), self.eval_long_side)
@@ -146,10 +151,21 @@ class Predictor:
                 image_size=(int(r["height"]), int(r["width"])),
             )
             out = {"label_map": label.cpu().numpy().astype(np.int32), "segments": segments}
+            out["instances"] = self._instances(
+                outputs, b, (H, W), (h, w), (int(r["height"]), int(r["width"]))
+            )
             if return_assignments:
                 out["assignments"] = [_crop_assignment(a[b], (h, w), (H, W)) for a in outputs["assignments"]]
             results.append(out)
         return results
+
+    def _instances(self, outputs: dict, b: int, padded, valid, image) -> dict[str, np.ndarray]:
+        """The scored instances of image ``b`` for mask AP, at the stored image size."""
+        inst = instance_inference(
+            outputs["class_logits"][b], outputs["mask_logits"][b], self.is_thing, self.postprocess,
+            output_size=padded, valid_size=valid, image_size=image,
+        )  # fmt: skip
+        return {k: inst[k].cpu().numpy() for k in ("masks", "scores", "class_ids")}
 
 
 def _crop_assignment(a: torch.Tensor, valid: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
@@ -160,76 +176,13 @@ def _crop_assignment(a: torch.Tensor, valid: tuple[int, int], padded: tuple[int,
     return a[:ch, :cw].cpu().numpy()
 
 
-def stats_of(
-    predictor: Predictor, records: Sequence[dict], preds: Sequence[dict], indices: Sequence[int]
-) -> list:
-    """PQ stats (pipeline.eval.pq.ImagePQStats) of predicted records; ``indices`` = positions in the split."""
-    from pipeline.eval.pq import pq_image_stats
-
-    return [
-        pq_image_stats(
-            r["label"],
-            r["segments"],
-            p["label_map"],
-            p["segments"],
-            predictor.categories,
-            index=int(i),
-            image_id=str(r["record_id"]),
-            void_label=VOID_LABEL,
-        )
-        for r, p, i in zip(records, preds, indices)
-    ]
-
-
-def image_stats(predictor: Predictor, records: Sequence[dict], indices: Sequence[int]) -> list:
-    """Predict decoded records and return their PQ stats."""
-    return stats_of(predictor, records, predictor(records), indices)
-
-
-def iter_decoded(
-    data_dir: str | Path, split: str, rank: int = 0, world: int = 1
-) -> Iterator[tuple[int, dict]]:
-    """(index, decoded record) of this rank's share of a split: records with ``index % world == rank``."""
-    for i, row in enumerate(iter_records(data_dir, split)):
-        if i % world == rank:
-            yield i, decode_record(row)
-
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class BatchedPredictor:
-    """A `Predictor` applied ``batch_size`` records at a time (Ray evaluation tasks hand over whole row
-    groups). Picklable, so `pipeline.eval.evaluate.evaluate_prepared` can ship it to its tasks."""
-
-    def __init__(self, predictor: Predictor, batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.predictor, self.batch_size = predictor, batch_size
-
-    def __call__(self, records: Sequence[dict]) -> list[dict]:
-        out: list[dict] = []
-        for chunk in batched(records, self.batch_size):
-            out.extend(self.predictor(chunk))
-        return out
-
-
 def predictor_from_checkpoint(
-    checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
-) -> BatchedPredictor:
-    """A training checkpoint (``state.pt`` or its directory) as a predictor of the records of a prepared
-    split; refuses a split whose class count differs from the one the model was trained on."""
+    checkpoint: str | Path, data_dir: str | Path, split: str, device: str = "cpu"
+) -> tuple[Predictor, ExperimentConfig]:
+    """A training checkpoint (``state.pt`` or its directory) as a `Predictor` of the records of a prepared
+    split, with the checkpoint's config; refuses a split whose class count differs from the model's."""
     from kmax_model.model import build_model
-    from pipeline.config import ExperimentConfig
-    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     cfg = ExperimentConfig.from_dict(state["config"])
@@ -242,27 +195,5 @@ def predictor_from_checkpoint(
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
     model.eval().to(device)
-    predictor = Predictor(
-        model,
-        manifest,
-        cfg.model.postprocess,
-        cfg.data.eval_size,
-        torch.device(device),
-        cfg.data.eval_long_side,
-    )
-    return BatchedPredictor(predictor, batch_size)
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path, data_dir: str | Path, split: str, batch_size: int = 8, device: str = "cpu"
-) -> dict:
-    """Load a training checkpoint, predict every record of a prepared split in this process, return the
-    PQ result (pipeline.eval.pq.reduce_pq_stats layout). `kmax evaluate --checkpoint` does the same on Ray."""
-    from pipeline.eval.pq import reduce_pq_stats
-
-    batched_predictor = predictor_from_checkpoint(checkpoint, data_dir, split, batch_size, device)
-    predictor = batched_predictor.predictor
-    stats = []
-    for chunk in batched(iter_decoded(data_dir, split), batch_size):
-        stats.extend(image_stats(predictor, [r for _, r in chunk], [i for i, _ in chunk]))
-    return reduce_pq_stats(stats, predictor.categories)
+    data = cfg.data
+    return Predictor(model, manifest, cfg.model.postprocess, data.eval_size, device, data.eval_long_side), cfg

@@ -2,7 +2,9 @@
 
 Pure numpy (no Ray, no torch): `image_eval_stats` runs wherever an image is predicted (a Ray task, a training
 worker); `reduce_eval_stats` runs once on the gathered results, sorted by image index, so the numbers do not
-depend on how the images were spread. `pipeline.eval.evaluate` drives it on Ray.
+depend on how the images were spread; `eval_metrics` names them. Training validation
+(pipeline.train.validation) and ``kmax evaluate`` (pipeline.eval.evaluate) both go through these three, and
+predictions of records through `stats_of_records`.
 
 A prediction is a dict:
 - ``label_map``: int [H, W], ``class_id * divisor + instance`` with VOID_LABEL on void (any ids work as long
@@ -11,13 +13,14 @@ A prediction is a dict:
 - ``semantic`` (optional): int [H, W] class ids for mIoU; else derived from the panoptic map, void counting
   as a miss (lower than a dedicated semantic prediction, reference §5);
 - ``instances`` (optional): [{"category_id" or "class_id", "mask" bool [H, W], "score"}] or the dict of
-  ``kmax_model.postprocess.instance_inference`` ("masks" [n, H, W], "scores" [n], "class_ids" [n]) for AP;
-  else the thing segments of the panoptic map with score ``segments[i]["score"]`` or 1.
+  ``kmax_model.postprocess.instance_inference`` ("masks" [n, H, W], "scores" [n], "class_ids" [n]) for AP,
+  as a model's predictions carry (pipeline.eval.predictor); else (prediction files) the thing segments of
+  the panoptic map with score ``segments[i]["score"]`` or 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,9 @@ from pipeline.eval.pq import (
     reduce_pq_stats,
 )
 from pipeline.eval.pq_table import compact_ids
+
+METRIC_GROUPS = (("All", "all"), ("Things", "things"), ("Stuff", "stuff"))
+"""PQ result groups and their names in `eval_metrics`."""
 
 
 @dataclass
@@ -124,16 +130,9 @@ def image_eval_stats(
     gsegs = _with_categories(gt_segments, spec)
     psegs = _with_categories(prediction["segments"], spec)
     pq = pq_image_stats(
-        gt,
-        gsegs,
-        pred,
-        psegs,
-        spec.pq_categories,
-        index=index,
-        image_id=image_id,
-        void_label=void_label,
-        name=name,
-    )
+        gt, gsegs, pred, psegs, spec.pq_categories,
+        index=index, image_id=image_id, void_label=void_label, name=name,
+    )  # fmt: skip
     out = ImageEvalStats(index=int(index), pq=pq)
     if spec.miou:
         gsem = _semantic(gt, gsegs, spec, void_label)
@@ -143,36 +142,35 @@ def image_eval_stats(
         nz = np.nonzero(cm)[0]
         out.confusion = (nz.astype(np.int32), cm[nz])
     if spec.ap:
-        things = {c["id"] for c in spec.thing_categories()}
-        inst = ImageInstances(int(index) + 1, int(gt.shape[0]), int(gt.shape[1]))
-        for s in gsegs:
-            if int(s["category_id"]) in things:
-                inst.gt.append(
-                    {
-                        "category_id": int(s["category_id"]),
-                        "rle": encode_mask(gt == int(s["id"])),
-                        "iscrowd": int(s.get("iscrowd", 0)),
-                    }
-                )
-        given = prediction.get("instances")
-        if isinstance(given, Mapping):  # kmax_model.postprocess.instance_inference: masks, scores, class_ids
-            given = [
-                {"class_id": int(k), "mask": np.asarray(m), "score": float(v)}
-                for m, v, k in zip(given["masks"], given["scores"], given["class_ids"])
-            ]
-        if given is None:
-            given = [
-                {"category_id": s["category_id"], "mask": pred == int(s["id"]), "score": s.get("score", 1.0)}
-                for s in psegs
-            ]
-        for p in given:
-            cat = _category(p, spec)
-            if cat in things:
-                inst.pred.append(
-                    {"category_id": cat, "rle": encode_mask(p["mask"]), "score": float(p["score"])}
-                )
-        out.instances = inst
+        out.instances = _image_instances(spec, index, gt, gsegs, pred, psegs, prediction.get("instances"))
     return out
+
+
+def _image_instances(spec: EvalSpec, index: int, gt, gsegs: list, pred, psegs: list, given) -> ImageInstances:
+    """Run-length encoded ground-truth thing instances and predicted instances of one image (for AP)."""
+    things = {c["id"] for c in spec.thing_categories()}
+    inst = ImageInstances(int(index) + 1, int(gt.shape[0]), int(gt.shape[1]))
+    for s in gsegs:
+        if int(s["category_id"]) in things:
+            rle = encode_mask(gt == int(s["id"]))
+            inst.gt.append(
+                {"category_id": int(s["category_id"]), "rle": rle, "iscrowd": int(s.get("iscrowd", 0))}
+            )
+    if isinstance(given, Mapping):  # kmax_model.postprocess.instance_inference: masks, scores, class_ids
+        given = [
+            {"class_id": int(k), "mask": np.asarray(m), "score": float(v)}
+            for m, v, k in zip(given["masks"], given["scores"], given["class_ids"])
+        ]
+    if given is None:  # prediction files: the thing segments of the panoptic map
+        given = [
+            {"category_id": s["category_id"], "mask": pred == int(s["id"]), "score": s.get("score", 1.0)}
+            for s in psegs
+        ]
+    for p in given:
+        cat = _category(p, spec)
+        if cat in things:
+            inst.pred.append({"category_id": cat, "rle": encode_mask(p["mask"]), "score": float(p["score"])})
+    return inst
 
 
 def reduce_eval_stats(spec: EvalSpec, stats: Sequence[ImageEvalStats]) -> dict[str, Any]:
@@ -196,17 +194,58 @@ def reduce_eval_stats(spec: EvalSpec, stats: Sequence[ImageEvalStats]) -> dict[s
     return result
 
 
-def flat_metrics(result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Percentages for tracking: PQ, SQ, RQ (+ _th / _st), mIoU, AP, AP50; None values are left out."""
+def eval_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The one naming of evaluation numbers, in percent, for MLflow, progress lines, reports and ``kmax
+    evaluate --out``: ``eval/{pq,sq,rq}_{all,things,stuff}``, ``eval/miou`` and ``eval/{ap,ap50,ap75,aps,apm,
+    apl}``. Values that do not exist (a group without classes, AP without ground-truth instances) are left
+    out."""
     out: dict[str, float] = {}
-    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+    for group, name in METRIC_GROUPS:
         for key in ("pq", "sq", "rq"):
-            v = result["pq"][group][key]
-            if v is not None:
-                out[f"{prefix}{key.upper()}{suffix}"] = 100.0 * v
+            value = result["pq"][group][key]
+            if value is not None:
+                out[f"eval/{key}_{name}"] = 100.0 * value
     if result.get("miou", {}).get("miou") is not None:
-        out[f"{prefix}mIoU"] = 100.0 * result["miou"]["miou"]
-    for key in ("AP", "AP50"):
-        if result.get("ap", {}).get(key) is not None:
-            out[f"{prefix}{key}"] = 100.0 * result["ap"][key]
+        out["eval/miou"] = 100.0 * result["miou"]["miou"]
+    for key, value in result.get("ap", {}).items():
+        if value is not None:
+            out[f"eval/{key.lower()}"] = 100.0 * value
     return out
+
+
+def stats_of_records(
+    spec: EvalSpec,
+    predict: Callable[[list[dict]], list[dict]],
+    records: Iterable[tuple[int, dict]],
+    batch_size: int,
+    where: str = "",
+) -> list[ImageEvalStats]:
+    """Predict ``(index, decoded record)`` pairs ``batch_size`` at a time and return their statistics.
+
+    The one path from records to statistics: training validation runs it on each worker's share of the
+    split, ``kmax evaluate --checkpoint`` in a Ray task per Parquet row group. Predictions are dropped batch
+    by batch (instance masks are large), so memory does not grow with the split. ``where`` names the
+    source in error messages."""
+    out: list[ImageEvalStats] = []
+    for chunk in batched(records, batch_size):
+        preds = predict([r for _, r in chunk])
+        if len(preds) != len(chunk):
+            raise ValueError(f"predict returned {len(preds)} predictions for {len(chunk)} records {where}")
+        for (index, r), p in zip(chunk, preds):
+            name = f"record {r['record_id']!r} ({where}index {index})"
+            out.append(image_eval_stats(spec, index, r["record_id"], r["label"], r["segments"], p, name=name))
+    return out
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

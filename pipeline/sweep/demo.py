@@ -13,28 +13,34 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.storage import absolute
+
 STUDY = "assignment"
 DEMO_STEPS = 250
 """Training steps per trial. `make demo` on a fresh clone here (2 cores): val PQ 72.6 (argmax), 68.8 (spatial
 softmax), 58.4 (cluster softmax); the demo 7.4 min, 9.1 min with creating the venv (bar: 15 min)."""
 
-DEMO_OVERRIDES = [
-    f"train.steps={DEMO_STEPS}",
-    f"train.eval_interval={DEMO_STEPS}",
-    f"train.checkpoint_interval={DEMO_STEPS}",
-    "train.warmup_steps=15",
-]
+DEMO_FIELDS = {
+    "train.steps": DEMO_STEPS,
+    "train.eval_interval": DEMO_STEPS,
+    "train.checkpoint_interval": DEMO_STEPS,
+    "train.warmup_steps": 15,
+}
+"""The demo's schedule on top of the tiny preset (``--set`` overrides come after)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", default="runs/demo", help="where data, runs and MLflow go")
+    from pipeline.cli import add_config_arguments
+
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="extra dotted override for every trial (repeatable)",
-    )  # fmt: skip
+        "--run-dir", type=absolute, default="runs/demo", help="where data, runs and MLflow go"
+    )
+    add_config_arguments(parser, what="every trial", preset=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kmax_model.config_utils import apply_overrides
+    from pipeline.config import experiment_preset, with_fields
     from pipeline.sweep.driver import run_sweep
     from pipeline.sweep.report import compare
     from pipeline.sweep.study import resolve_study
@@ -48,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
     resume = (run_dir / RUN_ID_FILE).is_file()
     echo(f"kmax demo: study '{STUDY}' with the tiny preset, {DEMO_STEPS} steps per trial, in {run_dir}"
          + (" (resuming)" if resume else ""))  # fmt: skip
-    summary = run_sweep(
-        resolve_study(STUDY), run_dir, "tiny", DEMO_OVERRIDES + list(args.overrides), resume=resume, echo=echo
-    )
+    base = apply_overrides(with_fields(experiment_preset("tiny"), DEMO_FIELDS), args.overrides)
+    summary = run_sweep(resolve_study(STUDY), run_dir, base, resume=resume, echo=echo)
     if summary.failed:
         echo(f"kmax demo: trials failed: {', '.join(summary.failed)}; rerun `kmax demo` to resume them")
         return 1

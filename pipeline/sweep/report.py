@@ -26,8 +26,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.sweep.driver import EARLY_STOPPED_TAG, PARAMETERS_METRIC
+from pipeline.sweep.trial import EARLY_STOPPED_TAG, PARAMETERS_METRIC
 
 # (column header, MLflow metric key, format)
 COLUMNS: list[tuple[str, str, str]] = [
@@ -119,6 +120,7 @@ def table_lines(runs: SweepRuns, markdown: bool) -> list[str]:
 
 
 def _plots(runs: SweepRuns, out: Path) -> list[Path]:
+    """The report's figures, written under ``out``: PQ per variant, PQ against step, cluster maps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,9 +128,22 @@ def _plots(runs: SweepRuns, out: Path) -> list[Path]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(runs.tracking_uri)
-    names = [r.variant for r in runs.rows]
     files = []
+    for name, draw in (("pq_per_variant", _pq_per_variant), ("pq_vs_step", _pq_vs_step)):
+        fig = draw(plt, runs, client)
+        files.append(out / f"{name}.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    fig = _cluster_maps(plt, runs, client)
+    if fig is not None:
+        files.append(out / "cluster_maps.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files
 
+
+def _pq_per_variant(plt, runs: SweepRuns, client):
+    names = [r.variant for r in runs.rows]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 3.5))
     stats = [r.mean_std(PQ_KEY) for r in runs.rows]
     ax.bar(range(len(names)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="tab:blue")
@@ -136,10 +151,10 @@ def _plots(runs: SweepRuns, out: Path) -> list[Path]:
     ax.set_ylabel("PQ (%)")
     ax.set_title("PQ per variant (mean ± std over seeds)")
     fig.tight_layout()
-    files.append(out / "pq_per_variant.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
+
+def _pq_vs_step(plt, runs: SweepRuns, client):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for row in runs.rows:
         for i, run_id in enumerate(row.run_ids):
@@ -151,50 +166,54 @@ def _plots(runs: SweepRuns, out: Path) -> list[Path]:
     ax.set_title("validation PQ against training step")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    files.append(out / "pq_vs_step.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    maps = []  # the latest cluster-assignment figure of each variant's first seed
-    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # restored below: no env leaks to Ray workers
+
+def _latest_cluster_figures(plt, runs: SweepRuns, client) -> list[tuple[str, Any, str]]:
+    """(variant, image, artifact path) of the latest cluster-assignment figure of each variant's first
+    seed. MLflow's download progress bar is switched off meanwhile (restored: no env leaks to Ray)."""
+    maps = []
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     saved = {k: os.environ.get(k) for k in quiet}
     os.environ.update(quiet)
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in runs.rows:
-            figs = sorted(
-                a.path
-                for a in client.list_artifacts(row.run_ids[0], "figures")
-                if a.path.startswith(CLUSTER_FIGURE_PREFIX)
-            )
-            if figs:
-                local = client.download_artifacts(row.run_ids[0], figs[-1], tmp)
-                maps.append((row.variant, plt.imread(local), figs[-1]))
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if maps:
-        # one row per variant: the per-run figures are wide strips (the image, then one map per layer)
-        width = 14.0
-        heights = [width * img.shape[0] / img.shape[1] + 0.5 for _, img, _ in maps]
-        fig, axes = plt.subplots(
-            len(maps),
-            1,
-            figsize=(width, sum(heights) + 0.6),
-            squeeze=False,
-            gridspec_kw={"height_ratios": heights},
-        )
-        for ax, (variant, img, path) in zip(axes[:, 0], maps):
-            ax.imshow(img)
-            ax.set_title(f"{variant}\n{Path(path).name}", fontsize=9)
-            ax.axis("off")
-        fig.suptitle("per-layer cluster-assignment maps")
-        fig.tight_layout()
-        files.append(out / "cluster_maps.png")
-        fig.savefig(files[-1], dpi=100)
-        plt.close(fig)
-    return files
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for row in runs.rows:
+                listed = client.list_artifacts(row.run_ids[0], "figures")
+                figs = sorted(a.path for a in listed if a.path.startswith(CLUSTER_FIGURE_PREFIX))
+                if figs:
+                    local = client.download_artifacts(row.run_ids[0], figs[-1], tmp)
+                    maps.append((row.variant, plt.imread(local), figs[-1]))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return maps
+
+
+def _cluster_maps(plt, runs: SweepRuns, client):
+    """The variants' per-layer cluster-assignment strips, one row each (None when no run has one)."""
+    maps = _latest_cluster_figures(plt, runs, client)
+    if not maps:
+        return None
+    width = 14.0  # the per-run figures are wide strips (the image, then one map per layer)
+    heights = [width * img.shape[0] / img.shape[1] + 0.5 for _, img, _ in maps]
+    fig, axes = plt.subplots(
+        len(maps),
+        1,
+        figsize=(width, sum(heights) + 0.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for ax, (variant, img, path) in zip(axes[:, 0], maps):
+        ax.imshow(img)
+        ax.set_title(f"{variant}\n{Path(path).name}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("per-layer cluster-assignment maps")
+    fig.tight_layout()
+    return fig
 
 
 def write_report(runs: SweepRuns, sweep: str, out_dir: str | Path, log_to_mlflow: bool = True) -> Path:

@@ -3,7 +3,7 @@
 Studies are plain data so that they can be defined anywhere (``ablations/studies.py`` or a user's
 module) and resolved by name: ``resolve_study("assignment")`` looks in ``ablations.studies``,
 ``resolve_study("mylab.studies:widths")`` imports that function. `pipeline.sweep.driver` turns a study into
-a Ray Tune grid; `pipeline.sweep.report` groups runs back into its variants.
+Ray Tune trials over its config paths; `pipeline.sweep.report` groups runs back into its variants.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,13 @@ def variant_name(overrides: dict[str, Any], study: Study) -> str:
             value = "x".join(str(v) for v in value)
         parts.append(f"{path.rsplit('.', 1)[-1]}={value}")
     return ",".join(parts)
+
+
+def trial_key(point: dict[str, Any], study: Study) -> str:
+    """Deterministic, filesystem-safe name of a trial (its run directory, its Tune trial and MLflow run
+    name): ``assignment=argmax__seed0``."""
+    name = f"{variant_name(point, study)}__seed{point[SEED_PATH]}"
+    return re.sub(r"[^A-Za-z0-9_.=,-]", "_", name)
 
 
 def resolve_study(spec: str, seeds: int | None = None) -> Study:

@@ -3,11 +3,12 @@
     kmax train --config tiny --set train.steps=300 [--data PREPARED_DIR] [--run-dir DIR]
                [--tracking-uri URI] [--num-workers N] [--gpu]
 
-`fit(cfg)` does, in order: check the tracking store (an unreachable MLflow server fails here, before any
-compute), refuse an incompatible existing checkpoint in the run directory, make the synthetic dataset when
-no ``data.prepared_dir`` is given, bind the class metadata of the prepared manifest, create or resume the
-MLflow run (its id lives in ``<run_dir>/mlflow_run.json`` and in every checkpoint), start Ray quietly and
-run a TorchTrainer over pipeline.train.worker.train_fn_per_worker.
+`fit(cfg)` does, in order: make every path absolute; check the tracking store (an unreachable MLflow server
+fails here); with a prepared dataset, read and check its manifests, bind its classes and refuse an
+incompatible checkpoint already in the run directory, all before Ray starts; start or join Ray; make the
+synthetic dataset when no ``data.prepared_dir`` is given; create or resume the MLflow run (its id lives in
+``<run_dir>/mlflow_run.json`` and in every checkpoint); run a TorchTrainer over
+pipeline.train.worker.train_fn_per_worker.
 
 Run directory layout::
 
@@ -25,17 +26,13 @@ the same MLflow run (Ray Train job-level resume: same RunConfig name and storage
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import os
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig, bind_manifest, load_experiment
-from pipeline.ray_setup import DATA_CPU_RESERVE
+from pipeline.config import ExperimentConfig, bind_manifest, load_experiment, with_absolute_paths, with_fields
 from pipeline.train.progress import PROGRESS_FILE, ProgressPrinter
 
 RAY_RUN_NAME = "train"
@@ -44,7 +41,9 @@ RAY_RUN_NAME = "train"
 
 @dataclass
 class TrainSummary:
-    run_dir: str
+    """What `fit` ran and where it left things; ``config`` is the bound config the workers trained."""
+
+    config: ExperimentConfig
     steps: int
     checkpoint: str | None
     best_checkpoint: str | None
@@ -52,6 +51,10 @@ class TrainSummary:
     mlflow_run_id: str
     metrics: dict[str, Any]
     wall_s: float
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.run_dir
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -64,131 +67,133 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return files[-1] if files else None
 
 
-def prepare_data(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Make the synthetic dataset when none is given; bind num_classes / thing classes from the manifest."""
+def bind_data(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check the prepared splits (no Ray): both manifests readable, the same categories, a batch for every
+    worker; bind num_classes and the thing classes. Errors name the file or the config field."""
     from pipeline.data.records import read_manifest
 
     data = cfg.data
-    if data.prepared_dir is None:
-        out = Path(cfg.run_dir).resolve() / "data"
-        prepared = out / "prepared"
-        if not (prepared / data.val_split / "manifest.json").is_file():
-            from pipeline.data.synthetic import make_prepared_synthetic
-
-            print(f"making the synthetic dataset in {out} ...", flush=True)
-            make_prepared_synthetic(
-                out,
-                train=data.synthetic_train,
-                val=data.synthetic_val,
-                height=data.synthetic_size,
-                width=data.synthetic_size,
-                seed=cfg.train.seed,
-            )
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, prepared_dir=str(prepared)))
-    train = read_manifest(cfg.data.prepared_dir, cfg.data.train_split)
-    val = read_manifest(cfg.data.prepared_dir, cfg.data.val_split)
+    train = read_manifest(data.prepared_dir, data.train_split)
+    val = read_manifest(data.prepared_dir, data.val_split)
     if train["categories"] != val["categories"]:
         raise ValueError(
-            f"data.train_split={cfg.data.train_split!r} and data.val_split={cfg.data.val_split!r} of "
-            f"{cfg.data.prepared_dir} have different categories"
+            f"data.train_split={data.train_split!r} and data.val_split={data.val_split!r} of "
+            f"{data.prepared_dir} have different categories"
+        )
+    per_worker = int(train["num_records"]) // cfg.scaling.num_workers
+    if per_worker < data.batch_size:
+        raise ValueError(
+            f"data.batch_size={data.batch_size} exceeds the {per_worker} training images of each of "
+            f"scaling.num_workers={cfg.scaling.num_workers} workers ({data.prepared_dir}/{data.train_split})"
         )
     return bind_manifest(cfg, train)
 
 
-def _local_ray_cpus(cfg: ExperimentConfig) -> int:
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + DATA_CPU_RESERVE
-    return max(os.cpu_count() or 1, math.ceil(need))
+def refuse_incompatible_resume(cfg: ExperimentConfig, echo) -> None:
+    """A checkpoint in the run directory trained under another config is refused (before any compute)."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.train.resume import check_compatible
+
+    previous = latest_checkpoint(cfg.run_dir)
+    if previous is not None:
+        saved = load_checkpoint(previous)["config"]
+        check_compatible(saved, cfg.to_dict(), previous.parent, ExperimentConfig().to_dict())
+        echo(f"resuming from {previous.parent}")
+
+
+def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
+    """Everything before the trainer: absolute paths, tracking, data, Ray. Returns (bound cfg, target)."""
+    from pipeline import tracking as mlflow_tracking
+    from pipeline.ray_setup import init_ray, run_cpu_need, with_local_cpus
+
+    cfg = with_absolute_paths(cfg)
+    target = tracking or mlflow_tracking.resolve_target(cfg.tracking.uri, cfg.run_dir)
+    if tracking is None:
+        mlflow_tracking.check_tracking_uri(target.tracking_uri)
+    if cfg.data.prepared_dir is not None:  # everything the driver can check, before Ray starts
+        cfg = bind_data(cfg)
+        refuse_incompatible_resume(cfg, echo)
+    sc = cfg.scaling
+    init_ray(with_local_cpus(cfg.ray, run_cpu_need(sc.num_workers, sc.cpus_per_worker)))
+    if cfg.data.prepared_dir is None:
+        from pipeline.data.synthetic import ensure_synthetic
+
+        prepared = ensure_synthetic(Path(cfg.run_dir) / "data", cfg.data, echo)
+        cfg = bind_data(with_fields(cfg, {"data.prepared_dir": str(prepared)}))
+        refuse_incompatible_resume(cfg, echo)
+    return cfg, target
 
 
 def fit(
     cfg: ExperimentConfig,
-    fault_injection: dict | None = None,
+    *,
     echo=print,
     tags: dict[str, str] | None = None,
     callbacks: list | None = None,
+    hooks: Sequence = (),
+    tracking=None,
 ) -> TrainSummary:
     """Train (or resume) the run described by ``cfg``; see the module docstring.
 
     ``tags`` are added to the MLflow run when it is created (a sweep passes ``mlflow.parentRunId``, study,
     trial and variant). ``callbacks``: Ray Train user callbacks of the run (a sweep with early stopping
-    passes ``TuneReportCallback`` so that every checkpoint report, with its validation PQ, reaches Tune)."""
-    from pipeline import tracking
-    from pipeline.ray_setup import init_ray
-    from pipeline.train import checkpoint as ckpt
+    passes ``TuneReportCallback`` so that every checkpoint report, with its validation PQ, reaches Tune).
+    ``hooks``: step hooks run in every worker (pipeline.train.worker.StepHook). ``tracking``: an already
+    resolved and checked `pipeline.tracking.TrackingTarget` (a sweep's), else the config's is resolved."""
+    from kmax_model.config_utils import save_yaml
+    from pipeline import tracking as mlflow_tracking
+    from pipeline.data.records import training_dataset
+    from pipeline.train.worker import WorkerRun
 
     t_start = time.time()
-    run_dir = Path(cfg.run_dir).resolve()
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    target = tracking.resolve_target(cfg.tracking.uri, run_dir)
-    tracking.check_tracking_uri(target.tracking_uri)
-
-    ray_cfg = cfg.ray
-    if ray_cfg.address in (None, "local") and ray_cfg.num_cpus is None:
-        ray_cfg = dataclasses.replace(ray_cfg, num_cpus=_local_ray_cpus(cfg))
-    init_ray(ray_cfg)
-    cfg = prepare_data(cfg)
-    experiment = cfg.to_dict()
-    previous = latest_checkpoint(run_dir)
-    if previous is not None:  # refuse before spending compute on workers
-        saved = ckpt.load_checkpoint(previous)["config"]
-        ckpt.check_compatible(saved, experiment, previous.parent, ExperimentConfig().to_dict())
-        echo(f"resuming from {previous.parent}")
-
-    from kmax_model.config_utils import save_yaml
-
+    cfg, target = prepare_run(cfg, tracking, echo)
+    run_dir = Path(cfg.run_dir)
     save_yaml(cfg, run_dir / "config.yaml")
     run_name = cfg.tracking.run_name or run_dir.name
-    run_id, resumed = tracking.start_or_resume_run(
+    run_id, _ = mlflow_tracking.start_or_resume_run(
         target,
         cfg.tracking.experiment_name,
         run_dir,
         run_name,
         tags={**(tags or {}), "run_dir": str(run_dir)},
     )
-    from pipeline.data.records import training_dataset
-
     train_ds, train_rows, passes = training_dataset(
         cfg.data.prepared_dir, cfg.data.train_split, cfg.data.min_epoch_rows
     )
-    loop_config = {
-        "experiment": experiment,
-        "tracking_uri": target.tracking_uri,
-        "mlflow_run_id": run_id,
-        "progress_file": str(run_dir / PROGRESS_FILE),
-        "train_rows": train_rows,
-        "passes": passes,
-        "val_dir": cfg.data.prepared_dir,
-        "fault_injection": fault_injection,
-    }
-    trainer = _build_trainer(cfg, loop_config, train_ds, callbacks or [])
-    printer = ProgressPrinter(run_dir / PROGRESS_FILE, cfg.train.steps, echo)
+    progress = str(run_dir / PROGRESS_FILE)
+    run = WorkerRun(cfg, target.tracking_uri, run_id, progress, train_rows, passes, tuple(hooks))
+    result = _run_trainer(cfg, run, train_ds, callbacks or [], echo)
+    final = result.checkpoint.path if result.checkpoint else None
+    best = run_dir / "best" / "state.pt"
+    best_path = str(best) if best.exists() else None
+    logger = mlflow_tracking.RunLogger(target.tracking_uri, run_id)
+    logger.log_dict({"latest": final, "best": best_path}, "checkpoints.json")
+    logger.finish()
+    metrics = dict(result.metrics or {})
+    steps = int(metrics.get("step", 0))
+    return TrainSummary(
+        cfg, steps, final, best_path, target.tracking_uri, run_id, metrics, time.time() - t_start
+    )
+
+
+def _run_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list, echo):
+    """Fit the TorchTrainer while a thread prints the progress lines; a failed run's MLflow run is FAILED."""
+    from pipeline.tracking import RunLogger
+
+    trainer = _build_trainer(cfg, run, train_ds, callbacks)
+    printer = ProgressPrinter(Path(run.progress_file), cfg.train.steps, echo)
     printer.start()
-    logger = tracking.RunLogger(target.tracking_uri, run_id)
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except BaseException:
-        logger.finish("FAILED")
+        RunLogger(run.tracking_uri, run.mlflow_run_id).finish("FAILED")
         raise
     finally:
         printer.stop.set()
         printer.join()
-    final = result.checkpoint.path if result.checkpoint else None
-    best = run_dir / "best" / ckpt.CHECKPOINT_FILE
-    logger.log_dict({"latest": final, "best": str(best) if best.exists() else None}, "checkpoints.json")
-    logger.finish()
-    return TrainSummary(
-        run_dir=str(run_dir),
-        steps=int((result.metrics or {}).get("step", 0)),
-        checkpoint=final,
-        best_checkpoint=str(best) if best.exists() else None,
-        tracking_uri=target.tracking_uri,
-        mlflow_run_id=run_id,
-        metrics=dict(result.metrics or {}),
-        wall_s=time.time() - t_start,
-    )
 
 
-def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds, callbacks: list):
+def _build_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -197,7 +202,7 @@ def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds, callbacks
     sc = cfg.scaling
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"run": run},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers,
@@ -222,56 +227,38 @@ def _build_trainer(cfg: ExperimentConfig, loop_config: dict, train_ds, callbacks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default="tiny", help="experiment preset name (tiny, resnet50_coco, ...) or YAML file"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override, e.g. train.lr=1e-3 (repeatable)",
-    )
-    parser.add_argument(
-        "--data", help="prepared dataset directory (default: the synthetic dataset in the run dir)"
-    )
-    parser.add_argument("--run-dir", help="run directory (default: runs/train); rerun the same one to resume")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite store in the run dir)")
+    from pipeline.cli import add_config_arguments, add_run_arguments
+
+    add_config_arguments(parser)
+    add_run_arguments(parser)
     parser.add_argument("--num-workers", type=int, help="Ray Train workers")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.prepared_dir={args.data}")
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
+    """The typed config: preset or YAML, then ``--set`` overrides, then the flags set their fields."""
+    from pipeline.cli import run_fields
+
+    fields = run_fields(args)
     if args.num_workers is not None:
-        overrides.append(f"scaling.num_workers={args.num_workers}")
+        fields["scaling.num_workers"] = args.num_workers
     if args.gpu:
-        overrides.append("scaling.use_gpu=true")
-    return load_experiment(args.config, overrides)
+        fields["scaling.use_gpu"] = True
+    return with_fields(load_experiment(args.config, args.overrides), fields)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cli import fail
     from pipeline.tracking import TrackingError
-    from pipeline.train.checkpoint import IncompatibleCheckpointError
 
     try:
-        cfg = config_from_args(args)
-        summary = fit(cfg, echo=lambda s: print(s, flush=True))
-    except (ValueError, FileNotFoundError, TrackingError, IncompatibleCheckpointError) as exc:
-        print(f"kmax train: {exc}", file=sys.stderr)
-        return 2
+        summary = fit(config_from_args(args), echo=lambda s: print(s, flush=True))
+    except (ValueError, FileNotFoundError, TrackingError) as exc:  # IncompatibleCheckpointError included
+        return fail("train", exc)
     m = summary.metrics
     print(
         f"done: {summary.steps} steps in {summary.wall_s / 60:.1f} min; "
-        f"final PQ {m.get('pq', float('nan')):.2f} "
-        f"(best {m.get('best_pq', float('nan')):.2f})\n"
+        f"final PQ {m.get('pq', float('nan')):.2f} (best {m.get('best_pq', float('nan')):.2f})\n"
         f"  latest checkpoint: {summary.checkpoint}\n  best checkpoint:   {summary.best_checkpoint}\n"
         f"  MLflow: {summary.tracking_uri} run {summary.mlflow_run_id}"
     )

@@ -10,9 +10,13 @@ centres), the backbone at ``lr * backbone_multiplier``, and the deeplab2 schedul
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainConfig
 
 BACKBONE_PREFIX = "backbone."
 """Parameters whose name (after stripping a DDP ``module.`` prefix) starts with this get the backbone lr."""
@@ -121,3 +125,16 @@ def build_scheduler(
         return warmup_poly_factor(step, total_steps, warmup_steps, power, warmup_start)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimization(
+    model: nn.Module, train: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser and lr schedule a run's ``train`` section describes (every field read here, once)."""
+    optimizer = build_optimizer(
+        model, train.lr, train.weight_decay, train.backbone_lr_multiplier, eps=train.adam_eps
+    )
+    scheduler = build_scheduler(
+        optimizer, train.steps, train.warmup_steps, train.poly_power, train.warmup_start
+    )
+    return optimizer, scheduler

@@ -1,4 +1,8 @@
-"""Training checkpoints: one ``state.pt`` file, written atomically, loadable with ``weights_only=True``.
+"""The checkpoint file: one ``state.pt``, written atomically, loadable with ``weights_only=True``.
+
+A contract between rooms: training writes and resumes it (pipeline.train), evaluation and prediction read
+it (pipeline.eval.predictor). Whether a checkpoint may be resumed under a changed config is training's
+business (pipeline.train.resume).
 
 Contents (all tensors or plain Python types so that ``torch.load(weights_only=True)`` accepts them):
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +29,6 @@ import torch
 
 CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_FORMAT = 1
-
-RESUME_SAFE_PREFIXES = (
-    "train.steps",
-    "train.eval_interval",
-    "train.checkpoint_interval",
-    "train.log_interval",
-    "train.num_to_keep",
-    "scaling.",
-    "fault.",
-    "tracking.",
-    "run_dir",
-    "data.prepared_dir",
-    "data.eval_batch_size",
-    "data.num_vis_images",
-)
-"""Dotted config paths that may differ between the run that wrote a checkpoint and the run resuming
-from it (run length, logging cadence, resources, where things live). Everything else (model, data
-split, augmentation, optimiser, precision, seed) must match."""
-
-
-class IncompatibleCheckpointError(ValueError):
-    """Resuming would silently train a different experiment."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,63 +57,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     )
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": leaf}; lists and tuples are leaves."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    ignore: Iterable[str] = RESUME_SAFE_PREFIXES,
-    defaults: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Dotted paths whose values differ between two nested config dicts, except the resume-safe ones.
-
-    Tuples and lists compare equal when their items do (YAML gives lists, dataclasses tuples). A field
-    absent from ``saved`` (added to the code after the checkpoint was written) is no difference when its
-    current value equals its value in ``defaults``: new fields default to the behaviour that came
-    before them, so the checkpoint was trained with that value."""
-    a, b = flatten(saved), flatten(current)
-    d = flatten(defaults or {})
-    ignore = tuple(ignore)
-
-    def norm(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(ignore):
-            continue
-        if key not in a and key in b and key in d and norm(b[key]) == norm(d[key]):
-            continue
-        if key not in a or key not in b or norm(a[key]) != norm(b[key]):
-            diffs.append(f"{key}: checkpoint={a.get(key, '<absent>')!r} now={b.get(key, '<absent>')!r}")
-    return diffs
-
-
-def check_compatible(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    where: str | Path,
-    defaults: Mapping[str, Any] | None = None,
-) -> None:
-    """Raise `IncompatibleCheckpointError` naming every differing field (see `config_differences`)."""
-    diffs = config_differences(saved, current, defaults=defaults)
-    if diffs:
-        raise IncompatibleCheckpointError(
-            f"refusing to resume from {where}: the configuration differs in "
-            f"{len(diffs)} field(s):\n  " + "\n  ".join(diffs) + "\nuse a new --run-dir to start a fresh run"
-        )
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
