@@ -10,8 +10,8 @@ Images are synthetic (random rectangles painted over stuff bands, the prediction
 relabelled) at Cityscapes size (1024x2048, ~60 segments) and COCO size (480x640, ~20 segments).
 Prints median per-image milliseconds and the ratios measured in this run; speed is never asserted.
 The process comparison runs `pq_compute_files` on the same Cityscapes-size JSON + PNG folders with workers=1
-(this process) and workers=2 (fork-server workers, one contiguous slice each), timed in turn; the fork server
-is started once before timing, as it is once per calling process.
+(this process) and workers=2 (this process and one fork-server worker, one contiguous slice each), timed in
+turn; the fork server is started once before timing, as it is once per calling process.
 """
 
 from __future__ import annotations

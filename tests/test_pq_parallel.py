@@ -23,8 +23,15 @@ def _files(case_dir: Path) -> tuple:
     return case_dir / "gt.json", case_dir / "gt", case_dir / "pred.json", case_dir / "pred"
 
 
-def _not_here(*_args, **_kwargs):
-    raise AssertionError("statistics computed in the calling process, not in a worker")
+class _Counting:
+    """Stands for file_pair_stats in this process: counts the images computed here."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -37,11 +44,14 @@ def test_workers_equal_one_process_and_the_oracle(pq_oracle_dir: Path, case: str
         one = pq_compute_files(*_files(d), chunks=chunks, workers=1)
         # The oracle's layout with int category keys; == compares every float bit for bit.
         assert one == {**exp, "per_class": {int(c): v for c, v in exp["per_class"].items()}}, key
-        with monkeypatch.context() as m:
-            # Workers import this module afresh: a parallel result cannot come from this process.
-            m.setattr(pq_files, "file_pair_stats", _not_here)
-            for workers in (2, 3):
+        images = len(json.loads((d / "gt.json").read_text())["annotations"])
+        for workers in (2, 3):
+            with monkeypatch.context() as m:
+                # Workers import this module afresh: only the first slice is computed in this process.
+                here = _Counting(pq_files.file_pair_stats)
+                m.setattr(pq_files, "file_pair_stats", here)
                 assert pq_compute_files(*_files(d), chunks=chunks, workers=workers) == one, (key, workers)
+            assert here.calls == len(np.array_split(range(images), min(workers, images))[0]), (key, workers)
 
 
 def test_bad_prediction_in_a_worker_raises_the_serial_error(pq_oracle_dir: Path, tmp_path: Path) -> None:

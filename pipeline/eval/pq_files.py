@@ -2,8 +2,9 @@
 
 The file-format side of `pipeline.eval.pq`: reading the JSONs, pairing images by ``image_id`` in ground-truth
 annotation order (as the official ``pq_compute``), decoding PNG ids (``R + 256 G + 256^2 B``, void = 0, with
-`pipeline.data.panoptic.png_segment_ids`) and feeding `pq_image_stats`, in parallel worker processes that
-each take a contiguous slice of the images. Errors name the image id and the PNG file.
+`pipeline.data.panoptic.png_segment_ids`) and feeding `pq_image_stats`, in parallel processes (this one and
+fork-server workers) that each take a contiguous slice of the images. Errors name the image id and the PNG
+file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,21 +206,23 @@ def pairs_stats(
 ) -> list[ImagePQStats]:
     """The statistics of every pair, in pair order, computed by ``min(workers, len(pairs))`` processes.
 
-    Each process takes one contiguous slice (``np.array_split`` bounds, as the official tool); one process
-    means this one (no pool). A PQInputError is raised for the first bad image in pair order, i.e. the one
-    the serial loop would stop at, with the serial message and no pool traceback attached.
+    Each process takes one contiguous slice (``np.array_split`` bounds, as the official tool); this process
+    computes the first slice itself while ``workers - 1`` worker processes compute the others (one process
+    start fewer, and its warm heap). A PQInputError is raised for the first bad image in pair order, i.e. the
+    one the serial loop would stop at, with the serial message and no pool traceback attached.
     """
     processes = min(workers, len(pairs))
     if processes <= 1:
         return [file_pair_stats(p, categories) for p in pairs]
-    slices = [pairs[a:b] for a, b in chunk_bounds(len(pairs), processes)]
-    stats: list[ImagePQStats] = []
+    first, *rest = [pairs[a:b] for a, b in chunk_bounds(len(pairs), processes)]
     # An executor rather than multiprocessing.Pool: a worker killed (e.g. out of memory) raises
     # BrokenProcessPool here, where a Pool would wait for its result forever.
-    executor = ProcessPoolExecutor(processes, mp_context=_start_context(), initializer=_tune_worker_malloc)
+    executor = ProcessPoolExecutor(len(rest), mp_context=_start_context(), initializer=_tune_worker_malloc)
     try:
-        # map yields the slices in order, so the first error met is the first bad image.
-        for part in executor.map(partial(_slice_stats, categories=categories), slices):
+        futures = [executor.submit(_slice_stats, part, categories) for part in rest]
+        stats: list[ImagePQStats] = []
+        # in slice order, so the first error met is the first bad image
+        for part in [_slice_stats(first, categories), *(f.result() for f in futures)]:
             if isinstance(part, PQInputError):
                 raise part
             stats.extend(part)
