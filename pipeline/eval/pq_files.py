@@ -34,6 +34,7 @@ from pipeline.eval.pq import (
     pq_image_stats,
     reduce_pq_stats,
 )
+from pipeline.ray_setup import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 
 START_METHOD = "forkserver"
 """How worker processes start. Not fork: the caller may have Ray initialised (gRPC and raylet threads) or
@@ -180,14 +181,15 @@ def _tune_worker_malloc() -> None:
     A fresh process starts at glibc's 128 KiB mmap threshold, so each multi-MB array of an image is mmapped,
     page-faulted and unmapped again: measured ~10k page faults and +50% time per Cityscapes-size image in a
     worker, and none in the benchmark's warmed-up caller, where glibc had already raised its thresholds. The
-    values set are the ones glibc's own dynamic rule tops out at (mmap 32 MiB, trim 64 MiB).
+    values are those of the project's Ray workers (pipeline.ray_setup.ALLOCATOR_ENV), set here with mallopt
+    (through the environment they would change the calling process's own environment).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
         return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 def _start_context() -> multiprocessing.context.BaseContext:
