@@ -11,15 +11,18 @@ Contents (all tensors or plain Python types so that ``torch.load(weights_only=Tr
      "rng": {"torch": uint8 tensor, "numpy": {...}, "python": [...]}, "config": nested plain dict
      (ExperimentConfig via config_to_dict), "mlflow_run_id": str | None, "metrics": {name: float}}
 
-Atomic write: the file is written under a temporary name in the same directory and moved into place
-with ``os.replace``, so a crash mid-write never leaves a truncated ``state.pt``.
+Written through pipeline.storage (a path or a storage URI): atomically on a file system, and followed by a
+record ``state.json`` with the file's size and sha256, so that a truncated or damaged checkpoint is told
+apart from a good one when a run resumes (pipeline.train.resume).
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import io
+import json
+import posixpath
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
+
 CHECKPOINT_FILE = "state.pt"
+RECORD_FILE = "state.json"
 CHECKPOINT_FORMAT = 1
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back as it was written (truncated, overwritten, garbage)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,24 +69,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(py_state), gauss))
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path`` then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def build_state(
     *,
     step: int,
@@ -104,22 +96,47 @@ def build_state(
     }
 
 
-def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` to ``directory/state.pt`` atomically; returns the file path."""
-    return atomic_torch_save(dict(state), Path(directory) / CHECKPOINT_FILE)
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> str:
+    """Write ``state`` to ``directory/state.pt`` (a path or a storage URI) and then its record
+    ``state.json`` {"format", "step", "bytes", "sha256"}: a checkpoint whose record is missing or disagrees
+    with the file is incomplete or damaged. Returns the location of ``state.pt``."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    data = buffer.getvalue()
+    location = storage.join(str(directory), CHECKPOINT_FILE)
+    storage.write_bytes(location, data)
+    record = {"format": CHECKPOINT_FORMAT, "step": int(state["step"]), "bytes": len(data)}
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    storage.write_text(storage.join(str(directory), RECORD_FILE), json.dumps(record))
+    return location
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file (or a directory holding ``state.pt``) with ``weights_only=True``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
+def _checkpoint_file(location: str) -> str:
+    """``state.pt`` of a checkpoint given as the file or its folder."""
+    return location if location.endswith(CHECKPOINT_FILE) else storage.join(location, CHECKPOINT_FILE)
+
+
+def load_checkpoint(location: str | Path) -> dict[str, Any]:
+    """Load a checkpoint (``state.pt`` or its folder; a path or a storage URI) with ``weights_only=True``.
+
+    Checked against its record (``state.json``) when it has one (checkpoints written before the record
+    existed have none): a size or sha256 that differs raises `CorruptCheckpointError` naming the file.
+    FileNotFoundError when there is no checkpoint; ValueError for a file that is not a kmax checkpoint."""
+    path = _checkpoint_file(str(location))
+    if not storage.is_file(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    data = storage.read_bytes(path)
+    record_path = storage.join(posixpath.dirname(path), RECORD_FILE)
+    if storage.is_file(record_path):
+        record = json.loads(storage.read_text(record_path))
+        if record.get("bytes") != len(data) or record.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise CorruptCheckpointError(
+                f"{path} does not match its record ({len(data)} bytes, {record.get('bytes')} recorded)"
+            )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or foreign file: say which one
-        raise ValueError(f"cannot load checkpoint {path}: {exc}") from exc
+        raise CorruptCheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a kmax checkpoint (format {CHECKPOINT_FORMAT})")
     return state

@@ -43,17 +43,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str = "the run",
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, run_dir_help: str = "runs/train") -> None:
-    """``--data``, ``--run-dir`` and ``--tracking-uri`` (paths made absolute as they are parsed)."""
+    """``--data``, ``--run-dir``, ``--tracking-uri`` and ``--storage`` (paths made absolute as they are
+    parsed; URIs kept)."""
     parser.add_argument(
         "--data", type=absolute, help="prepared dataset directory (default: the synthetic dataset)"
     )
     parser.add_argument("--run-dir", type=absolute, help=f"run directory (default: {run_dir_help})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite store in the run dir)")
+    parser.add_argument(
+        "--storage", type=absolute,
+        help="where checkpoints, the journal and run state go: a shared mount path or s3://bucket/prefix "
+        "(default: $KMAX_STORAGE, else the run dir; needed on a cluster of several nodes)",
+    )  # fmt: skip
 
 
 def run_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields `add_run_arguments`' flags set: {dotted path: typed value}, given flags only."""
-    flags = {"data.prepared_dir": args.data, "run_dir": args.run_dir, "tracking.uri": args.tracking_uri}
+    flags = {
+        "data.prepared_dir": args.data, "run_dir": args.run_dir, "tracking.uri": args.tracking_uri,
+        "storage": args.storage,
+    }  # fmt: skip
     return {path: value for path, value in flags.items() if value is not None}
 
 

@@ -13,6 +13,7 @@ from the prepared manifest, so a config never disagrees with its data.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from kmax_model.config import KMaXConfig, preset
 from kmax_model.config_utils import apply_overrides, config_from_dict, config_to_dict, load_yaml
 from pipeline.ray_setup import RayConfig
-from pipeline.storage import absolute
+from pipeline.storage import absolute, join
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SQLITE_PREFIX = "sqlite:///"
@@ -97,8 +98,11 @@ class DataConfig:
         thing_class_ids: contiguous ids of thing classes; set from the manifest by `bind_manifest`.
         num_vis_images: validation images drawn in the prediction grid artifact.
         min_epoch_rows: a training split with fewer records is repeated inside one data epoch (each copy
-            augmented differently) up to at least this many rows, so that training on a small split does
-            not restart the Ray Data stream every few steps (a restart costs about a second).
+            augmented differently) up to at least this many rows, so that a small split still gives every
+            worker several units to shuffle (pipeline.train.data_order).
+        shuffle_window: training rows a worker permutes together inside its share of an epoch, after the
+            split's row groups are permuted across workers (pipeline.train.data_order); 0 = the stored
+            order, no shuffle.
         synthetic_train / synthetic_val / synthetic_size / synthetic_seed: the synthetic dataset made when
             prepared_dir is None (its own seed: replicates over ``train.seed`` train on the same data).
     """
@@ -114,6 +118,7 @@ class DataConfig:
     thing_class_ids: tuple[int, ...] = ()
     num_vis_images: int = 4
     min_epoch_rows: int = 512
+    shuffle_window: int = 256
     synthetic_train: int = 96
     synthetic_val: int = 24
     synthetic_size: int = 96
@@ -216,15 +221,29 @@ class FaultConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow. ``uri`` None = embedded SQLite store + artifact folder inside the run directory."""
+    """MLflow. ``uri`` None = embedded SQLite store + artifact folder inside the run directory.
+    ``final_flush_s``: how long the end of a run waits for an unreachable store before leaving the rest of
+    its metrics to the journal (pipeline.train.forwarder)."""
 
     uri: str | None = None
     experiment_name: str = "kmax-train"
     run_name: str | None = None
+    final_flush_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(self.final_flush_s >= 0, f"tracking.final_flush_s must be >= 0, got {self.final_flush_s}")
 
 
 @dataclass
 class ExperimentConfig:
+    """One training run.
+
+    ``run_dir``: the run's local directory on the driver (the embedded MLflow store, progress lines).
+    ``storage``: where everything that outlives a process or must be seen by another node goes
+    (pipeline.storage: a shared mount path or ``s3://bucket/prefix``); the run then lives under
+    ``<storage>/<run_dir's name>`` (`run_location`). None: everything in ``run_dir``, as on one machine.
+    """
+
     model: KMaXConfig = field(default_factory=lambda: preset("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -233,13 +252,23 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: str = "runs/train"
+    storage: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir must be non-empty")
+        _require(self.storage is None or bool(self.storage), "storage must be non-empty when given")
         if self.train.precision != "fp32" and not self.scaling.use_gpu:
             raise ValueError(
                 f"train.precision={self.train.precision} needs scaling.use_gpu=true (CPU trains in fp32)"
             )
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's persistent state lives: checkpoints (``ray_results``), ``best``, the metrics
+        journal, ``config.yaml``, the MLflow run record (a path or a storage URI)."""
+        if self.storage is None:
+            return self.run_dir
+        return join(self.storage, os.path.basename(os.path.normpath(self.run_dir)))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -288,7 +317,7 @@ def experiment_preset(name: str) -> ExperimentConfig:
     )
 
 
-PATH_FIELDS = ("run_dir", "data.prepared_dir", "model.backbone.pretrained")
+PATH_FIELDS = ("run_dir", "storage", "data.prepared_dir", "model.backbone.pretrained")
 """Config fields that are file-system paths: made absolute on the driver (`with_absolute_paths`), because
 Ray workers and tasks run in other directories."""
 

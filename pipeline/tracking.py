@@ -6,8 +6,9 @@ server is probed before any compute is spent, and an unreachable one is a clear 
 
 Why a client and explicit ids: ``mlflow.set_tracking_uri`` / ``set_experiment`` export
 ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_ID`` into ``os.environ``, which Ray workers inherit
-(shared/docs/reference_ray_mlflow.md §3). The driver creates or resumes the run, and passes
-``(tracking_uri, run_id)`` to rank 0 of the Ray Train workers, which opens a `RunLogger` on it.
+(shared/docs/reference_ray_mlflow.md §3). Only the driver talks to the store: it creates or resumes the
+run, and sends what the training workers report (pipeline.train.forwarder), so a worker on another node
+never needs to reach it.
 
 Resumed runs stay contiguous: `RunLogger` reads, per metric key, the last step already in the store and
 drops re-logged values at or below it. A run resumed from a checkpoint at step ``c`` recomputes steps
@@ -35,8 +36,6 @@ MAX_PARAM_VALUE = 6000
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 SERVER_PROBE_TIMEOUT_S = 5.0
-METRIC_WRITE_INTERVAL_S = 2.0
-"""How often `BackgroundMetrics` writes the queued per-step metrics (and before every checkpoint)."""
 
 
 class TrackingError(RuntimeError):
@@ -101,17 +100,19 @@ def get_or_create_experiment(target: TrackingTarget, name: str) -> str:
 def start_or_resume_run(
     target: TrackingTarget,
     experiment_name: str,
-    run_dir: str | Path,
+    location: str | Path,
     run_name: str,
     tags: Mapping[str, str] | None = None,
 ) -> tuple[str, bool]:
-    """The MLflow run of ``run_dir``: the one recorded in ``run_dir/mlflow_run.json`` when it exists in
-    this store (resumed; marked RUNNING again), else a new run recorded there. Returns (run_id, resumed)."""
-    run_dir = Path(run_dir)
+    """The MLflow run of the run at ``location`` (a path or a storage URI, pipeline.storage): the one
+    recorded in ``location/mlflow_run.json`` when it exists in this store (resumed; marked RUNNING again),
+    else a new run recorded there. Returns (run_id, resumed)."""
+    from pipeline import storage
+
     client = _client(target.tracking_uri)
-    record = run_dir / RUN_ID_FILE
-    if record.is_file():
-        saved = json.loads(record.read_text())
+    record = storage.join(str(location), RUN_ID_FILE)
+    if storage.is_file(record):
+        saved = json.loads(storage.read_text(record))
         if saved.get("tracking_uri") == target.tracking_uri:
             try:
                 client.get_run(saved["run_id"])
@@ -123,13 +124,8 @@ def start_or_resume_run(
             return saved["run_id"], True
     exp_id = get_or_create_experiment(target, experiment_name)
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(
-        json.dumps(
-            {"tracking_uri": target.tracking_uri, "experiment_id": exp_id, "run_id": run.info.run_id},
-            indent=1,
-        )
-    )
+    saved = {"tracking_uri": target.tracking_uri, "experiment_id": exp_id, "run_id": run.info.run_id}
+    storage.write_text(record, json.dumps(saved, indent=1))
     return run.info.run_id, False
 
 
@@ -220,73 +216,3 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-class BackgroundMetrics:
-    """Per-step metrics written to MLflow by a thread, off the training loop's critical path.
-
-    A store write costs ~15 ms of Python (SQLAlchemy) per step with SQLite, more against a remote server,
-    which a training step must not wait for, and which as a per-step write also holds the GIL the training
-    thread needs. `log_metrics` only queues ``(metrics, step, wall-clock timestamp)``; the thread wakes every
-    ``interval_s`` and writes everything queued in one `RunLogger.log_metric_rows` call. `flush` wakes it
-    and blocks until the queue is written: the training loop calls it before each checkpoint, so a crash can
-    only lose steps after the last checkpoint, which the resumed run recomputes and logs (no gap, no
-    duplicate). A write error is raised again by the next `log_metrics` / `flush` / `close`.
-    """
-
-    def __init__(self, logger: RunLogger, interval_s: float = METRIC_WRITE_INTERVAL_S):
-        import queue
-        import threading
-
-        self.logger, self.interval_s = logger, interval_s
-        self._queue: queue.Queue = queue.Queue()
-        self._wake = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import queue
-
-        stop = False
-        while not stop:
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-            rows, taken = [], 0
-            while True:  # everything queued so far: one store write
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                taken += 1
-                if item is None:
-                    stop = True
-                else:
-                    rows.append(item)
-            try:
-                if rows and self._error is None:
-                    self.logger.log_metric_rows(rows)
-            except BaseException as exc:  # kept for the training thread to raise
-                self._error = exc
-            finally:
-                for _ in range(taken):
-                    self._queue.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise TrackingError(f"writing metrics to {self.logger.tracking_uri} failed: {self._error}")
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._raise()
-        self._queue.put((dict(metrics), int(step), int(time.time() * 1000)))
-
-    def flush(self) -> None:
-        self._wake.set()
-        self._queue.join()
-        self._raise()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._wake.set()
-        self._thread.join()
-        self._raise()

@@ -12,7 +12,6 @@ from kmax_model.targets import IGNORE_INDEX, VOID_LABEL
 from pipeline.config import AugmentConfig
 from pipeline.data.augment import augment_record, augment_rows
 from pipeline.data.targets import build_target, collate_augmented
-from pipeline.train.batches import AugmentCollate
 
 D = 256
 SEGS = [
@@ -123,56 +122,23 @@ def test_random_scale_crop_is_reproducible_per_epoch_and_record():
 
 
 @pytest.mark.ray
-def test_iter_torch_batches_accepts_the_collate(ray_session, tmp_path):
-    from pipeline.data.records import load_dataset
-    from pipeline.data.synthetic import make_prepared_synthetic
-
-    data = make_prepared_synthetic(tmp_path, train=6, val=2, height=48, width=48, progress=False)
-    ds = load_dataset(data, "train", lazy=False)
-    cfg = AugmentConfig(crop_size=33, min_scale=0.75, max_scale=1.25, seed=3)
-    a = list(ds.iter_torch_batches(batch_size=4, collate_fn=AugmentCollate(cfg, epoch=0)))
-    rows = ds.take_all()
-    stored = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    b = [  # the same batches built without Ray: augment_rows then collate_augmented
-        collate_augmented(augment_rows({k: v[i : i + 4] for k, v in stored.items()}, cfg, epoch=0))
-        for i in (0, 4)
-    ]
-    c = list(ds.iter_torch_batches(batch_size=4, collate_fn=AugmentCollate(cfg, epoch=1)))
-    assert [x["images"].shape[0] for x in a] == [4, 2]
-    x = a[0]
-    assert x["images"].shape == (4, 3, 33, 33) and x["images"].dtype == torch.float32
-    assert x["images"].min() >= -1 and x["images"].max() <= 1
-    assert len(x["targets"]) == 4 and x["targets"][0]["masks"].shape[1:] == (9, 9)
-    assert x["targets"][0]["labels"].dtype == torch.int64 and x["targets"][0]["valid"].dtype == torch.bool
-    for u, v in zip(a, b, strict=True):  # Ray Data's batches of the collate == the plain functions' batches
-        assert torch.equal(u["images"], v["images"])
-        assert all(torch.equal(tu[k], tv[k]) for tu, tv in zip(u["targets"], v["targets"]) for k in tu)
-    assert not torch.equal(a[0]["images"], c[0]["images"])  # a new epoch re-randomises
-
-
-@pytest.mark.ray
-def test_small_split_is_repeated_within_an_epoch_with_distinct_augmentations(ray_session, tmp_path):
-    """training_dataset repeats a split smaller than min_rows (passes = ceil(min_rows / rows)); every copy
-    of a record is augmented as its own epoch (epoch * passes + pass), so copies differ and epochs too."""
-    from pipeline.data.records import PASS_COLUMN, training_dataset
+def test_copies_of_a_small_split_are_augmented_as_their_own_epochs(ray_session, tmp_path):
+    """A split smaller than data.min_epoch_rows is repeated within an epoch (pipeline.train.data_order); the
+    pass column tells the copies apart and copy k of epoch e is augmented as epoch e * passes + k, so copies
+    differ and epochs too."""
+    from pipeline.data.records import PASS_COLUMN, iter_records
     from pipeline.data.synthetic import make_prepared_synthetic
 
     data = make_prepared_synthetic(tmp_path, train=3, val=1, height=48, width=48, progress=False)
-    ds, rows, passes = training_dataset(data, "train", min_rows=8)
-    assert (rows, passes) == (9, 3)
-    rows_seen = ds.take_all()
-    assert [(r["record_id"], r[PASS_COLUMN]) for r in rows_seen] == [
-        (rid, k) for k in range(3) for rid in ("1", "2", "3")
-    ]
+    stored = list(iter_records(data, "train"))
+    rows = [{**r, PASS_COLUMN: k} for k in range(3) for r in stored]
     cfg = AugmentConfig(crop_size=33, min_scale=0.75, max_scale=1.25, seed=3)
-    batch = {k: np.array([r[k] for r in rows_seen], dtype=object) for k in rows_seen[0]}
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     epoch1 = augment_rows(batch, cfg, epoch=1, passes=3)
     for i in range(9):  # copy k of epoch 1 == the record augmented alone as epoch 1 * 3 + k
         alone = augment_rows({k: v[i : i + 1] for k, v in batch.items() if k != PASS_COLUMN}, cfg, 3 + i // 3)
         assert np.array_equal(epoch1["image"][i], alone["image"][0])
     assert not np.array_equal(epoch1["image"][0], epoch1["image"][3])  # two copies of one record differ
-    big, rows_big, passes_big = training_dataset(data, "train", min_rows=3)
-    assert (rows_big, passes_big) == (3, 1) and PASS_COLUMN not in big.schema().names
 
 
 def test_normalised_batch_equals_the_model_normalisation_bit_for_bit():

@@ -3,7 +3,10 @@ incompatible config."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +76,7 @@ def test_round_trip_weights_only_and_rng(tmp_path):
 def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     model, opt, sched, scaler = _parts()
     state = ckpt.build_state(step=1, model=model, optimizer=opt, scheduler=sched, scaler=None, config=CONFIG)
-    path = ckpt.save_checkpoint(tmp_path, state)
+    path = Path(ckpt.save_checkpoint(tmp_path, state))
     before = path.read_bytes()
 
     def boom(obj, f):
@@ -84,7 +87,27 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, dict(state, step=2))
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.pt"]  # no temp file left
+
+
+def test_a_damaged_checkpoint_is_told_apart_by_its_record(tmp_path):
+    """state.json records the file's size and sha256: a truncated or overwritten state.pt is refused as
+    corrupt, naming the file; a checkpoint without a record (written before records existed) still loads."""
+    model, opt, sched, _ = _parts()
+    state = ckpt.build_state(step=4, model=model, optimizer=opt, scheduler=sched, scaler=None, config=CONFIG)
+    path = Path(ckpt.save_checkpoint(tmp_path, state))
+    record = json.loads((tmp_path / "state.json").read_text())
+    data = path.read_bytes()
+    assert record == {"format": 1, "step": 4, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"{path} does not match its record"):
+        ckpt.load_checkpoint(tmp_path)
+    path.write_bytes(bytes(len(data)))  # same size, other bytes
+    with pytest.raises(ckpt.CorruptCheckpointError, match="does not match its record"):
+        ckpt.load_checkpoint(tmp_path)
+    path.write_bytes(data)
+    (tmp_path / "state.json").unlink()
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 4
 
 
 def test_incompatible_config_is_refused_naming_fields():

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from ray._private.services import get_node_ip_address
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
 from ray.autoscaler._private.util import validate_config
 
+from tests.cluster_nodes import free_ports, tail
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -118,21 +118,6 @@ def fake_variant(cfg: dict, gcs_address: str) -> dict:
         "head_node_type": FAKE_HEAD_NODE_TYPE,
         **FAKE_DEFAULTS,
     }
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path.name} missing)"
 
 
 @dataclass

@@ -44,5 +44,11 @@ def test_cluster_matches_project_pins(cluster_cfg):
     assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] == 0
     assert cluster_cfg["available_node_types"][cluster_cfg["head_node_type"]]["resources"]["CPU"] == 0
     assert any("mlflow server" in c for c in cluster_cfg["head_setup_commands"])
+    # storage every node reaches (no shared disk): KMAX_STORAGE, the instance profile, MLflow artifacts there
+    bucket = re.search(r"KMAX_STORAGE=(s3://\S+?)'", setup).group(1)
+    server = next(c for c in cluster_cfg["head_setup_commands"] if "mlflow server" in c)
+    assert f"--artifacts-destination {bucket}/" in server
+    for node in cluster_cfg["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
     text = (REPO / "cluster.yaml").read_text().lower()
     assert "aws_secret" not in text and "aws_access_key" not in text

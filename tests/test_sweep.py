@@ -111,7 +111,7 @@ def test_trial_configs_are_base_plus_overrides_and_tune_sees_the_dimensions(ray_
         }
         assert spec.point == {"model.decoder.assignment": key.split("=")[1].split("__")[0], "train.seed": 0}
         assert spec.cfg == with_fields(base, {**spec.point, **locations})
-        ran = load_yaml(ExperimentConfig, str(spec.run_dir / "config.yaml"))
+        ran = load_yaml(ExperimentConfig, str(Path(spec.location) / "config.yaml"))
         assert ran == bind_data(spec.cfg)
     # Tune's table holds the trials that reported: argmax in the first call (cluster_softmax failed at its
     # first step), cluster_softmax in the resumed call, which ran only it

@@ -71,31 +71,3 @@ def test_unreachable_server_fails_fast():
 def test_flatten_params_truncates_and_nests():
     flat = tracking.flatten_params({"a": {"b": {"c": 1}}, "s": "x" * 7000})
     assert flat["a.b.c"] == "1" and len(flat["s"]) == tracking.MAX_PARAM_VALUE
-
-
-def test_background_metrics_write_every_step_once_and_surface_errors(tmp_path):
-    """Queued steps reach the store by flush() with their own timestamps; close() writes the rest; a store
-    error is raised on the training thread's next call instead of being lost in the writer thread."""
-    target = tracking.resolve_target(None, tmp_path)
-    run_id, _ = tracking.start_or_resume_run(target, "exp-b", tmp_path, "run-b")
-    log = tracking.RunLogger(target.tracking_uri, run_id)
-    writer = tracking.BackgroundMetrics(log)
-    for step in range(1, 51):
-        writer.log_metrics({"loss": float(step), "lr": 0.5}, step)
-    writer.flush()
-    hist = log.client.get_metric_history(run_id, "loss")
-    assert sorted((m.step, m.value) for m in hist) == [(s, float(s)) for s in range(1, 51)]
-    stamps = [m.timestamp for m in sorted(hist, key=lambda m: m.step)]
-    assert stamps == sorted(stamps)  # taken when queued, in step order
-    writer.log_metrics({"loss": 51.0}, 51)
-    writer.close()
-    assert max(m.step for m in log.client.get_metric_history(run_id, "loss")) == 51
-
-    class Broken(tracking.RunLogger):
-        def log_metric_rows(self, rows):
-            raise OSError("disk full")
-
-    broken = tracking.BackgroundMetrics(Broken(target.tracking_uri, run_id))
-    broken.log_metrics({"loss": 1.0}, 60)
-    with pytest.raises(tracking.TrackingError, match="disk full"):
-        broken.flush()

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint as ckpt
 from pipeline.data.records import read_manifest
-from pipeline.train.driver import fit, latest_checkpoint
-from pipeline.train.resume import IncompatibleCheckpointError
+from pipeline.train.driver import fit
+from pipeline.train.resume import IncompatibleCheckpointError, checkpoint_names, newest_valid_checkpoint
 from tests import fault_hooks
 from tests.train_helpers import TINY_STEPS, make_data, metric_steps, model_weights, tiny_config
 
@@ -41,8 +41,7 @@ def test_training_writes_checkpoints_and_mlflow(straight, data_dir):
     assert state["config"]["data"]["thing_class_ids"] == manifest["thing_class_ids"]
     assert set(state["rng"]) == {"torch", "numpy", "python"}
     # num_to_keep=1: only the latest Ray checkpoint remains; the best-PQ copy is kept beside it
-    kept = sorted(p.parent.name for p in (latest_checkpoint(straight.run_dir).parents[1]).glob("*/state.pt"))
-    assert kept == [f"checkpoint_{TINY_STEPS:07d}"]
+    assert checkpoint_names(straight.run_dir) == [f"checkpoint_{TINY_STEPS:07d}"]
     assert straight.best_checkpoint is not None
 
     client = MlflowClient(straight.tracking_uri)
@@ -85,7 +84,7 @@ def test_resume_after_stop_gives_the_same_weights(straight, data_dir, tmp_path):
     with pytest.raises(Exception, match="[Ww]orker|[Tt]raining failed") as err:
         fit(cfg, hooks=[fault_hooks.KillWorker(step=3, rank=0, marker=str(marker), delay_s=4.0)])
     assert marker.exists(), str(err.value)[:3000]
-    assert ckpt.load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
+    assert newest_valid_checkpoint(str(run_dir), print)[0]["step"] == 2
     resumed = fit(cfg)
     assert resumed.steps == TINY_STEPS and resumed.mlflow_run_id  # same run id recorded in the run dir
     progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ def tiny_config(data_dir: Path, run_dir: Path, *extra: str, workers: int = 1) ->
 def make_data(root: Path) -> Path:
     from pipeline.data.synthetic import make_prepared_synthetic
 
-    return make_prepared_synthetic(root, train=8, val=4, height=48, width=48, seed=0)
+    return Path(make_prepared_synthetic(root, train=8, val=4, height=48, width=48, seed=0))
 
 
 def model_weights(checkpoint_file: str | Path) -> dict[str, torch.Tensor]:

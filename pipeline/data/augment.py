@@ -86,7 +86,7 @@ def augment_rows(
 ) -> dict:
     """Stored rows (numpy batch of RECORD_SCHEMA columns) -> augmented rows (numpy batch).
 
-    Rows of a repeated split (pipeline.data.records.training_dataset: ``passes`` copies per epoch, told
+    Rows of a repeated split (pipeline.train.data_order: ``passes`` copies per epoch, told
     apart by
     the ``pass`` column) are augmented as epoch ``epoch * passes + pass``, so every copy differs.
     ``input_targets`` adds the "label_input" column (see `augment_record`)."""

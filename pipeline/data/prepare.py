@@ -6,8 +6,9 @@ in parallel (order preserved) into Arrow tables -> the driver streams those tabl
 the rows to shards by cumulative size and writes each shard itself, row group by row group, with pyarrow
 and fixed writer options (pipeline.data.records.ShardSequence); the rows stay Arrow data from worker to file.
 Shard contents therefore depend only on the inputs and options, never on the parallelism or on Ray's
-own file naming. Everything is written to a temporary folder that replaces ``OUT/<split>`` atomically
-at the end, so a failed or ``--strict``-rejected run never touches an earlier output.
+own file naming. ``OUT`` is a folder or a storage URI (pipeline.storage). Everything is written to a
+temporary folder that replaces ``OUT/<split>`` at the end (atomically on a file system, manifest last on an
+object store), so a failed or ``--strict``-rejected run never touches an earlier output.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import storage
 from pipeline.data import cityscapes, coco
 from pipeline.data.coco import Index, category_lookup
 from pipeline.data.panoptic import ConvertContext
@@ -251,24 +252,23 @@ def prepare(opts: PrepareOptions) -> dict:
         label_divisor=index.label_divisor,
         max_size=opts.max_size,
     )
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{opts.split}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    out = storage.absolute(opts.out)
+    tmp = storage.join(out, f".{opts.split}.tmp-{os.getpid()}")
+    storage.delete_dir(tmp)
+    storage.make_dirs(tmp)
     try:
         manifest = _write(index, ctx, opts, tmp)
         if opts.strict and manifest["num_quarantined"]:
-            shutil.rmtree(tmp)
+            storage.delete_dir(tmp)
             return manifest
-        _commit(tmp, out / opts.split)
+        storage.replace_dir(tmp, storage.join(out, opts.split))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.delete_dir(tmp)
         raise
     return manifest
 
 
-def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -> dict:
+def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: str) -> dict:
     quarantine = [{k: q[k] for k in QUARANTINE_FIELDS} for q in index.quarantine]
     shard_set = ShardSequence(tmp, opts.shard_mb * MB)
     done = 0
@@ -292,9 +292,9 @@ def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -
         shard_set.abort()  # after an error mid-shard: close the file (the tmp folder is then removed)
     progress.update(done, len(quarantine), final=True)
     quarantine.sort(key=lambda q: q["order"])
-    with open(tmp / QUARANTINE_NAME, "w") as f:
-        for q in quarantine:
-            f.write(json.dumps({k: q[k] for k in ("record_id", "file", "code", "reason")}) + "\n")
+    fields = ("record_id", "file", "code", "reason")
+    lines = [json.dumps({k: q[k] for k in fields}) + "\n" for q in quarantine]
+    storage.write_text(storage.join(tmp, QUARANTINE_NAME), "".join(lines))
     options = {
         k: v for k, v in asdict(opts).items() if k not in ("num_workers", "block_rows", "progress", "out")
     }
@@ -313,18 +313,9 @@ def _write(index: Index, ctx: ConvertContext, opts: PrepareOptions, tmp: Path) -
         "shards": shards,
         "options": options,
     }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    storage.write_text(storage.join(tmp, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True))
     manifest["quarantine"] = quarantine
     return manifest
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Swap the finished folder in: rename is atomic on one filesystem; the old output goes last."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,7 +324,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", required=True, help="split name, e.g. val (COCO: panoptic_{split}2017.json)"
     )
-    parser.add_argument("--out", required=True, help="output folder; the split goes to OUT/<split>/")
+    parser.add_argument(
+        "--out", required=True, help="output folder or storage URI (s3://...); the split goes to OUT/<split>/"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 (writing nothing) if any record is bad")
     parser.add_argument("--max-size", type=int, default=None, metavar="PX", help="shrink the long side to PX")
     parser.add_argument("--label-divisor", type=int, default=None, help="default: coco 256, cityscapes 1000")
@@ -380,6 +373,6 @@ def run(args: argparse.Namespace) -> int:
             return 1
     print(
         f"wrote {manifest['num_records']} records in {len(manifest['shards'])} shard(s) to "
-        f"{Path(opts.out) / opts.split}"
+        f"{storage.join(storage.absolute(opts.out), opts.split)}"
     )
     return 0

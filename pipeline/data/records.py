@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline import storage
 
 VOID_LABEL = -1
 """Label-map value of void; equal to kmax_model.targets.VOID_LABEL (asserted in tests/test_records.py).
@@ -124,20 +127,21 @@ def iter_decoded(
             yield i, decode_record(row)
 
 
-def split_dir(data_dir: str | Path, split: str) -> Path:
-    return Path(data_dir) / split
+def split_dir(data_dir: str | Path, split: str) -> str:
+    """The location of a prepared split: a path or a storage URI (pipeline.storage)."""
+    return storage.join(str(data_dir), split)
 
 
 def read_manifest(data_dir: str | Path, split: str) -> dict:
     """The manifest of a prepared split; FileNotFoundError / ValueError naming the file when it is absent,
     not JSON or of another schema version."""
-    path = split_dir(data_dir, split) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(split_dir(data_dir, split), MANIFEST_NAME)
+    if not storage.is_file(path):
         raise FileNotFoundError(
             f"no prepared split '{split}' here: {path} does not exist (run `kmax prepare`)"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a readable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -146,57 +150,43 @@ def read_manifest(data_dir: str | Path, split: str) -> dict:
     return manifest
 
 
-def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
-    """Shard files of a split, in record order."""
+def shard_paths(data_dir: str | Path, split: str) -> list[str]:
+    """Shard locations of a split, in record order."""
     manifest = read_manifest(data_dir, split)
-    return [split_dir(data_dir, split) / s["file"] for s in manifest["shards"]]
+    return [storage.join(split_dir(data_dir, split), s["file"]) for s in manifest["shards"]]
+
+
+def read_shard(location: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard as an Arrow table of `RECORD_SCHEMA` (a path or a storage URI)."""
+    fs, path = storage.filesystem(location)
+    return pq.read_table(path, columns=columns, schema=None if columns else RECORD_SCHEMA, filesystem=fs)
+
+
+def open_shard(location: str) -> pq.ParquetFile:
+    """A shard opened for reading row group by row group."""
+    fs, path = storage.filesystem(location)
+    return pq.ParquetFile(fs.open_input_file(path))
 
 
 def iter_records(data_dir: str | Path, split: str, columns: list[str] | None = None) -> Iterator[dict]:
     """Stored rows (undecoded) of a split in record order, read with plain pyarrow (no Ray)."""
-    for path in shard_paths(data_dir, split):
-        table = pq.read_table(path, columns=columns)
-        yield from table.to_pylist()
-
-
-def load_dataset(data_dir: str | Path, split: str, columns: list[str] | None = None, lazy: bool = True):
-    """The split as a `ray.data.Dataset` of `RECORD_SCHEMA` rows, in record order.
-
-    ``lazy=True`` streams the shards with ``read_parquet`` (any size). ``lazy=False`` reads them in this
-    process and hands the tables over with ``from_arrow``: for small splits (tests, the synthetic demo) it
-    skips read_parquet's task start-up, which costs seconds on a loaded 2-core machine.
-    """
-    import ray.data
-
-    paths = shard_paths(data_dir, split)
-    if lazy:
-        ds = ray.data.read_parquet([str(p) for p in paths], schema=RECORD_SCHEMA)
-    else:
-        ds = ray.data.from_arrow([pq.read_table(p, schema=RECORD_SCHEMA) for p in paths])
-    return ds.select_columns(columns) if columns else ds
+    for location in shard_paths(data_dir, split):
+        yield from read_shard(location, columns).to_pylist()
 
 
 PASS_COLUMN = "pass"
-"""Extra int32 column of `training_dataset` rows: which copy of a repeated small split the row is."""
+"""Extra int32 column of training rows: which copy of a repeated small split the row is
+(pipeline.train.data_order; pipeline.data.augment seeds each copy differently)."""
 
 
-def training_dataset(data_dir: str | Path, split: str, min_rows: int):
-    """The training split as a Ray Data dataset, and (rows per epoch, passes).
-
-    A split of at least ``min_rows`` records streams from its shards (``read_parquet``). A smaller one is
-    read here and repeated ``passes = ceil(min_rows / records)`` times inside one epoch, with a
-    `PASS_COLUMN` telling the copies apart (pipeline.data.augment seeds each copy differently), so that one
-    epoch, and so one stream start-up, covers many steps.
-    """
-    import ray.data
-
-    rows = int(read_manifest(data_dir, split)["num_records"])
-    if rows >= min_rows:
-        return load_dataset(data_dir, split), rows, 1
-    passes = -(-min_rows // rows)
-    table = pa.concat_tables([pq.read_table(p, schema=RECORD_SCHEMA) for p in shard_paths(data_dir, split)])
-    copies = [table.append_column(PASS_COLUMN, pa.array(np.full(rows, k, np.int32))) for k in range(passes)]
-    return ray.data.from_arrow(copies), rows * passes, passes
+def split_layout(data_dir: str | Path, split: str) -> tuple[list[str], list[list[int]]]:
+    """(shard locations, rows of each row group of each shard) of a split, read from the Parquet footers."""
+    locations = shard_paths(data_dir, split)
+    groups = []
+    for location in locations:
+        meta = open_shard(location).metadata
+        groups.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    return locations, groups
 
 
 def payload_bytes(table: pa.Table) -> np.ndarray:
@@ -206,11 +196,13 @@ def payload_bytes(table: pa.Table) -> np.ndarray:
 
 
 class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes as they pass, so a shard's sha256 needs no read-back."""
+    """A write-only file that hashes the bytes as they pass, so a shard's sha256 needs no read-back. Writes
+    to a path or a storage URI (an object store upload streams as the bytes come)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, location: str):
         super().__init__()
-        self._file = open(path, "wb")  # noqa: SIM115 (open for the writer's life; closed by close())
+        fs, path = storage.filesystem(location)
+        self._file = fs.open_output_stream(path)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -240,12 +232,12 @@ class ShardWriter:
     the `payload_bytes` added so far (for shard sizing).
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, location: str | Path):
+        self.location = str(location)
         self.rows = 0
         self.nbytes = 0
         self._pending = RECORD_SCHEMA.empty_table()
-        self._file = _HashingFile(self.path)
+        self._file = _HashingFile(self.location)
         self._writer = pq.ParquetWriter(self._file, RECORD_SCHEMA, **PARQUET_WRITE_OPTIONS)
 
     def add(self, table: pa.Table, nbytes: int | None = None) -> None:
@@ -268,7 +260,7 @@ class ShardWriter:
         self._writer.close()
         self._file.close()
         return {
-            "file": self.path.name,
+            "file": posixpath.basename(self.location),
             "rows": self.rows,
             "sha256": self._file.sha256.hexdigest(),
             "bytes": self._file.size,
@@ -285,7 +277,7 @@ class ShardSequence:
     """
 
     def __init__(self, folder: str | Path, target_bytes: float):
-        self.folder = Path(folder)
+        self.folder = str(folder)
         self.target = target_bytes
         self.entries: list[dict] = []
         self._writer: ShardWriter | None = None
@@ -294,7 +286,7 @@ class ShardSequence:
         sizes = payload_bytes(table)
         while table.num_rows:
             if self._writer is None:
-                self._writer = ShardWriter(self.folder / SHARD_PATTERN.format(len(self.entries)))
+                self._writer = ShardWriter(storage.join(self.folder, SHARD_PATTERN.format(len(self.entries))))
             full = np.flatnonzero(self._writer.nbytes + np.cumsum(sizes) >= self.target)
             n = int(full[0]) + 1 if full.size else table.num_rows
             self._writer.add(table.slice(0, n), int(sizes[:n].sum()))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from pipeline import storage
 from pipeline.data.scene import Scene, SceneConfig, draw_scene
 
 if TYPE_CHECKING:
@@ -182,29 +184,32 @@ def make_prepared_synthetic(
     width: int = 64,
     seed: int = 0,
     **prepare_kw,
-) -> Path:
-    """One call for tests and the demo: synth (COCO layout) under ``out/raw`` and prepare both splits into
-    ``out/prepared``. Needs Ray (started quietly through pipeline.ray_setup when not running)."""
+) -> str:
+    """One call for tests and the demo: synth (COCO layout) and prepare both splits into ``out/prepared``
+    (``out``: a folder or a storage URI; the raw files go to ``out/raw``, or to a local temporary folder
+    when ``out`` is a URI). Needs Ray (started quietly through pipeline.ray_setup when not running).
+    Returns the prepared location."""
     from pipeline.data.prepare import PrepareOptions, prepare
 
-    out = Path(out)
-    raw = generate(out / "raw", "coco", train, val, seed, SceneConfig(height=height, width=width))
-    for split, n in (("train", train), ("val", val)):
-        if n:
-            prepare(
-                PrepareOptions(
-                    dataset="coco", root=str(raw), split=split, out=str(out / "prepared"), **prepare_kw
+    out = storage.absolute(str(out))
+    with tempfile.TemporaryDirectory(prefix="kmax-synth-") as scratch:
+        raw_root = Path(scratch) if storage.is_uri(out) else Path(out) / "raw"
+        raw = generate(raw_root, "coco", train, val, seed, SceneConfig(height=height, width=width))
+        prepared = storage.join(out, "prepared")
+        for split, n in (("train", train), ("val", val)):
+            if n:
+                prepare(
+                    PrepareOptions(dataset="coco", root=str(raw), split=split, out=prepared, **prepare_kw)
                 )
-            )
-    return out / "prepared"
+    return prepared
 
 
-def ensure_synthetic(out: str | Path, data: DataConfig, echo=print) -> Path:
-    """The synthetic dataset a data config describes (``data.synthetic_*``), prepared under ``out/prepared``;
-    made on first use, reused after (a rerun, the other trials of a sweep). Returns the prepared folder."""
-    out = Path(out)
-    prepared = out / "prepared"
-    if not (prepared / data.val_split / "manifest.json").is_file():
+def ensure_synthetic(out: str, data: DataConfig, echo=print) -> str:
+    """The synthetic dataset a data config describes (``data.synthetic_*``), prepared under ``out/prepared``
+    (a folder or a storage URI); made on first use, reused after (a rerun, the other trials of a sweep).
+    Returns the prepared location."""
+    prepared = storage.join(out, "prepared")
+    if not storage.is_file(storage.join(prepared, data.val_split, "manifest.json")):
         echo(f"making the synthetic dataset in {out} ...")
         size = data.synthetic_size
         make_prepared_synthetic(

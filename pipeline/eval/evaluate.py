@@ -67,11 +67,9 @@ def _files_task(spec: EvalSpec, pairs: list) -> list[ImageEvalStats]:
 
 
 def _prepared_task(spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable, batch: int):
-    import pyarrow.parquet as pq_io
+    from pipeline.data.records import decode_record, open_shard
 
-    from pipeline.data.records import decode_record
-
-    rows = pq_io.ParquetFile(path).read_row_group(row_group).to_pylist()
+    rows = open_shard(path).read_row_group(row_group).to_pylist()
     records = ((offset + i, decode_record(r)) for i, r in enumerate(rows))
     return stats_of_records(spec, predict, records, batch, where=f"{path}, ")
 
@@ -150,9 +148,7 @@ def evaluate_prepared(
 ) -> dict[str, Any]:
     """A prepared split scored against ``predict`` (picklable; called in one Ray task per Parquet row group
     with ``batch_size`` decoded records at a time, see pipeline.data.records.decode_record)."""
-    import pyarrow.parquet as pq_io
-
-    from pipeline.data.records import read_manifest, shard_paths
+    from pipeline.data.records import open_shard, read_manifest, shard_paths
     from pipeline.ray_setup import init_ray
 
     manifest = read_manifest(data_dir, split)
@@ -162,7 +158,7 @@ def evaluate_prepared(
     spec_ref, predict_ref = ray.put(spec), ray.put(predict)
     refs, offset = [], 0
     for path in shard_paths(data_dir, split):
-        meta = pq_io.ParquetFile(path).metadata
+        meta = open_shard(path).metadata
         for g in range(meta.num_row_groups):
             refs.append(task.remote(spec_ref, str(path), g, offset, predict_ref, batch_size))
             offset += meta.row_group(g).num_rows

@@ -41,19 +41,24 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import ExperimentConfig, load_experiment, with_absolute_paths, with_fields
 from pipeline.sweep.asha import AshaConfig
 from pipeline.sweep.study import SEED_PATH, Study, resolve_study, trial_key, variant_name
 from pipeline.sweep.trial import TrialBook, TrialSpec, close_stopped_trials, run_trial
+from pipeline.train.run_log import open_channel
 
 DRIVER_CPUS = 0.25
 """Logical CPUs reserved for each trial's driver function (it only waits on the TorchTrainer)."""
+POLL_S = 0.5
+"""Seconds between two drains of the trials' lines."""
 
 
 def max_concurrent_trials(cluster_cpus: float, need: float) -> int:
@@ -81,17 +86,17 @@ class SweepSummary:
     wall_s: float = 0.0
 
 
-def plan_trials(
-    study: Study, base: ExperimentConfig, sweep_dir: Path, tracking_uri: str
-) -> dict[str, TrialSpec]:
+def plan_trials(study: Study, sweep: SweepSetup, tracking_uri: str) -> dict[str, TrialSpec]:
     """Every trial's `TrialSpec`: its config = base + fixed overrides + point + where it lives, applied once
     (validated here, before any compute). The MLflow parent run id is added to the tags once it exists."""
     specs: dict[str, TrialSpec] = {}
+    trials_storage = storage.join(sweep.location, "trials") if sweep.base.storage else None
     for point in study.trials():
         key = trial_key(point, study)
-        cfg = with_fields(base, {
+        cfg = with_fields(sweep.base, {
             **point,
-            "run_dir": str(sweep_dir / "trials" / key),
+            "run_dir": str(sweep.sweep_dir / "trials" / key),
+            "storage": trials_storage,  # the trial lives under <sweep location>/trials/<key>
             "tracking.uri": tracking_uri,
             "tracking.experiment_name": f"sweep-{study.name}",
             "tracking.run_name": key,
@@ -107,10 +112,13 @@ def plan_trials(
 
 @dataclass
 class SweepSetup:
-    """The sweep-wide decisions: where it lives, the base config every trial starts from, whether that
-    base's dataset is the synthetic one to make, early stopping, the Ray cluster to join."""
+    """The sweep-wide decisions: its local directory (the embedded MLflow store, the report) and its
+    location (everything persistent: ``<storage>/<sweep dir's name>``, or the directory itself without
+    storage), the base config every trial starts from, whether that base's dataset is the synthetic one to
+    make, early stopping, the Ray cluster to join."""
 
     sweep_dir: Path
+    location: str
     base: ExperimentConfig
     synthetic: bool
     asha: AshaConfig | None = None
@@ -118,32 +126,36 @@ class SweepSetup:
 
 
 def setup_sweep(base: ExperimentConfig, sweep_dir, asha: AshaConfig | None, ray_address) -> SweepSetup:
-    """Absolute paths, the shared synthetic dataset when none is given (else the given one is checked
-    here, before Ray starts), and (ASHA) a checkpoint report at every validation."""
+    """Absolute paths and storage (``KMAX_STORAGE`` when the config names none), the shared synthetic
+    dataset when none is given (else the given one is checked here, before Ray starts), and (ASHA) a
+    checkpoint report at every validation."""
     from pipeline.train.driver import bind_data
 
     sweep_dir = Path(sweep_dir).resolve()
+    if base.storage is None and os.environ.get(storage.STORAGE_VARIABLE):
+        base = with_fields(base, {"storage": os.environ[storage.STORAGE_VARIABLE]})
     base = with_absolute_paths(base)
+    location = storage.join(base.storage, sweep_dir.name) if base.storage else str(sweep_dir)
     synthetic = base.data.prepared_dir is None
     fields: dict[str, Any] = {}
     if synthetic:
-        fields["data.prepared_dir"] = str(sweep_dir / "data" / "prepared")
+        fields["data.prepared_dir"] = storage.join(location, "data", "prepared")
     else:
         bind_data(base)
     if asha is not None:
         asha.scheduler(base.train.steps, base.train.eval_interval)  # validates eval_interval first
         fields["train.checkpoint_interval"] = base.train.eval_interval
-    return SweepSetup(sweep_dir, with_fields(base, fields), synthetic, asha, ray_address)
+    return SweepSetup(sweep_dir, location, with_fields(base, fields), synthetic, asha, ray_address)
 
 
-def _parent_run(study: Study, sweep_dir: Path, target, base: ExperimentConfig):
-    """The sweep's MLflow parent run (created, or resumed with --resume)."""
+def _parent_run(study: Study, location: str, target, base: ExperimentConfig):
+    """The sweep's MLflow parent run (created, or resumed with --resume; recorded under its location)."""
     from pipeline import tracking
 
     experiment = f"sweep-{study.name}"
     tracking.get_or_create_experiment(target, experiment)  # artifact location inside the sweep dir
     tags = {"study": study.name, "sweep": study.name, "kind": "sweep"}
-    parent_id, _ = tracking.start_or_resume_run(target, experiment, sweep_dir, study.name, tags=tags)
+    parent_id, _ = tracking.start_or_resume_run(target, experiment, location, study.name, tags=tags)
     parent = tracking.RunLogger(target.tracking_uri, parent_id)
     if not parent.has_params():
         space = json.dumps(study.space, default=str)
@@ -154,10 +166,12 @@ def _parent_run(study: Study, sweep_dir: Path, target, base: ExperimentConfig):
     return parent
 
 
-def _tuner(book: TrialBook, pending: list[TrialSpec], sweep_dir: Path, concurrent: int, scheduler):
+def _tuner(book: TrialBook, pending: list[TrialSpec], location: str, concurrent: int, scheduler):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.train.driver import ray_storage
 
     study = book.study
     space: dict[str, Any] = {path: tune.choice(list(values)) for path, values in study.space.items()}
@@ -176,43 +190,88 @@ def _tuner(book: TrialBook, pending: list[TrialSpec], sweep_dir: Path, concurren
         ),
         run_config=tune.RunConfig(
             name=f"tune-{study.name}",
-            storage_path=str(sweep_dir / "tune"),
-            verbose=0,  # progress comes from the trials' own progress files
+            **ray_storage(storage.join(location, "tune")),
+            verbose=0,  # progress comes from the trials (TrialLines)
             failure_config=tune.FailureConfig(max_failures=0),
             callbacks=[JsonLoggerCallback()],  # Tune's result table (ResultGrid.get_dataframe) reads it
         ),
     )
 
 
-def _run_pending(book: TrialBook, pending: list[TrialSpec], sweep: SweepSetup, echo):
-    """Start or join Ray, make the shared synthetic data if needed, run the pending trials on Tune."""
+def _connect(sweep: SweepSetup, tracking_uri: str):
+    """Start or join Ray; on a cluster of several nodes, refuse (one line, before any compute) a sweep
+    without storage or with a tracking store that only this machine reaches."""
     from pipeline.ray_setup import RayConfig, init_ray, run_cpu_need, with_local_cpus
-    from pipeline.train.progress import PROGRESS_FILE, ProgressPrinter
+    from pipeline.train.driver import refuse_shared_nothing_without_storage
 
-    base, asha = sweep.base, sweep.asha
-    sc = base.scaling
+    sc = sweep.base.scaling
     need = run_cpu_need(sc.num_workers, sc.cpus_per_worker, DRIVER_CPUS)
     ray = init_ray(with_local_cpus(RayConfig(address=sweep.ray_address), need))
+    refuse_shared_nothing_without_storage(sweep.base, ray)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if nodes > 1 and not tracking_uri.startswith(("http://", "https://")):
+        raise ValueError(
+            f"a sweep on a cluster of {nodes} nodes runs its trials on any node: it needs an MLflow tracking "
+            "server that every node reaches (--tracking-uri http://<head>:5000; cluster.yaml starts one)"
+        )
+    return ray, need
+
+
+def _reachable_from_every_node(target, ray):
+    """A tracking server given as 127.0.0.1 / localhost on a cluster of several nodes is this node's: the
+    trials on the other nodes reach it at this node's address, when it listens there (cluster.yaml's server
+    listens on every interface). One bound to loopback only keeps its URI (all nodes on this machine)."""
+    from urllib.parse import urlparse
+
+    from pipeline.tracking import TrackingError, TrackingTarget, check_tracking_uri
+
+    url = urlparse(target.tracking_uri)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if nodes == 1 or url.hostname not in ("127.0.0.1", "localhost"):
+        return target
+    here = url._replace(netloc=f"{ray.util.get_node_ip_address()}:{url.port}").geturl()
+    try:
+        check_tracking_uri(here, timeout_s=2)
+    except TrackingError:
+        return target
+    return TrackingTarget(here, target.artifact_location)
+
+
+class TrialLines(threading.Thread):
+    """Prints the lines the trials put on the sweep's channel (a trial's own output stays on its node)."""
+
+    def __init__(self, channel, echo):
+        super().__init__(daemon=True, name="trial-lines")
+        self.channel, self.echo, self.stop = channel, echo, threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        while not self.stop.wait(POLL_S):
+            for event in ray.get(self.channel.take.remote()):
+                self.echo(event["text"])
+        for event in ray.get(self.channel.take.remote()):
+            self.echo(event["text"])
+
+
+def _run_pending(book: TrialBook, pending: list[TrialSpec], sweep: SweepSetup, ray, need: float, echo):
+    """Make the shared synthetic data if needed, run the pending trials on Tune, print their lines."""
+    base, asha = sweep.base, sweep.asha
     if sweep.synthetic:
         from pipeline.data.synthetic import ensure_synthetic
 
-        ensure_synthetic(Path(base.data.prepared_dir).parent, base.data, echo)
+        ensure_synthetic(storage.join(sweep.location, "data"), base.data, echo)
     cpus = float(ray.cluster_resources().get("CPU", 0))
     concurrent = max_concurrent_trials(cpus, need)
     echo(f"sweep {book.study.name}: {len(pending)} trial(s) to run, {concurrent} at a time on {cpus:g} CPUs")
     scheduler = asha.scheduler(base.train.steps, base.train.eval_interval) if asha else None
-    printers = [
-        ProgressPrinter(s.run_dir / PROGRESS_FILE, base.train.steps, echo, f"[{s.key}] ", announce_done=True)
-        for s in pending
-    ]
-    for printer in printers:
-        printer.start()
+    printer = TrialLines(book.lines, echo)
+    printer.start()
     try:
-        return _tuner(book, pending, sweep.sweep_dir, concurrent, scheduler).fit()
+        return _tuner(book, pending, sweep.location, concurrent, scheduler).fit()
     finally:
-        for printer in printers:
-            printer.stop.set()
-            printer.join()
+        printer.stop.set()
+        printer.join()
 
 
 def run_sweep(
@@ -235,24 +294,28 @@ def run_sweep(
 
     t0 = time.time()
     sweep = setup_sweep(base, sweep_dir, asha, ray_address)
-    if (sweep.sweep_dir / tracking.RUN_ID_FILE).is_file() and not resume:
+    if storage.is_file(storage.join(sweep.location, tracking.RUN_ID_FILE)) and not resume:
         raise ValueError(
-            f"{sweep.sweep_dir} already holds a sweep; pass --resume to continue it or another --run-dir"
+            f"{sweep.location} already holds a sweep; pass --resume to continue it or another --run-dir"
         )
     target = tracking.resolve_target(tracking_uri, sweep.sweep_dir)
     tracking.check_tracking_uri(target.tracking_uri)
-    specs = plan_trials(study, sweep.base, sweep.sweep_dir, target.tracking_uri)  # all valid before compute
-    parent = _parent_run(study, sweep.sweep_dir, target, sweep.base)
+    plan_trials(study, sweep, target.tracking_uri)  # every trial's config valid before Ray starts
+    ray, need = _connect(sweep, target.tracking_uri)
+    target = _reachable_from_every_node(target, ray)
+    specs = plan_trials(study, sweep, target.tracking_uri)
+    parent = _parent_run(study, sweep.location, target, sweep.base)
     for spec in specs.values():
         spec.tags["mlflow.parentRunId"] = parent.run_id
-    summary = SweepSummary(str(sweep.sweep_dir), target.tracking_uri, parent.run_id, specs=specs)
+    summary = SweepSummary(sweep.location, target.tracking_uri, parent.run_id, specs=specs)
     summary.skipped = [k for k, s in specs.items() if s.done()]
     pending = [s for s in specs.values() if not s.done()]
     if summary.skipped:
         echo(f"resume: {len(summary.skipped)} finished trial(s) kept: {', '.join(summary.skipped)}")
     if pending:
-        book = TrialBook(study, specs, target, asha is not None, tuple(hooks))
-        summary.results = _run_pending(book, pending, sweep, echo)
+        lines = open_channel()
+        book = TrialBook(study, specs, target, asha is not None, tuple(hooks), lines)
+        summary.results = _run_pending(book, pending, sweep, ray, need, echo)
         if asha is not None:
             summary.stopped = close_stopped_trials(summary.results, book, echo)
     for spec in pending:

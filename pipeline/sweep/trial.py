@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import ExperimentConfig
 from pipeline.sweep.study import Study, trial_key
 
@@ -34,23 +34,31 @@ class TrialSpec:
     tags: dict[str, str]
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.run_dir)
+    def location(self) -> str:
+        """Where the trial's persistent state lives (its run location, pipeline.config)."""
+        return self.cfg.run_location
 
     def done(self) -> bool:
-        return (self.run_dir / DONE_FILE).is_file()
+        return storage.is_file(storage.join(self.location, DONE_FILE))
+
+    def mark_done(self, record: dict) -> None:
+        storage.write_text(
+            storage.join(self.location, DONE_FILE), json.dumps(record, indent=1, default=float)
+        )
 
 
 @dataclass
 class TrialBook:
     """What every trial function gets (through ``tune.with_parameters``): the specs by key, and how to run
-    them: the resolved tracking target, whether ASHA listens, the workers' step hooks."""
+    them: the resolved tracking target, whether ASHA listens, the workers' step hooks, and the sweep's
+    channel for the lines the trials print (a RunChannel actor: the sweep driver prints them)."""
 
     study: Study
     specs: dict[str, TrialSpec]
     tracking: Any
     asha: bool = False
     hooks: Sequence = field(default_factory=tuple)
+    lines: Any = None
 
 
 def _plain(value: Any) -> Any:
@@ -74,15 +82,18 @@ def run_trial(config: dict[str, Any], book: TrialBook) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks = [TuneReportCallback()]
-    echo = lambda s: print(f"[{spec.key}] {s}", flush=True)  # noqa: E731
+
+    def echo(line: str) -> None:
+        book.lines.put.remote([{"text": f"[{spec.key}] {line}"}])
+
     summary = fit(
         spec.cfg, echo=echo, tags=spec.tags, callbacks=callbacks, hooks=book.hooks, tracking=book.tracking
     )
+    echo(f"finished at step {summary.steps}: PQ {summary.metrics.get('pq', float('nan')):.2f}")
     params = sum(p.numel() for p in build_model(summary.config.model).parameters())
     logger = tracking.RunLogger(summary.tracking_uri, summary.mlflow_run_id)
     logger.log_metrics({PARAMETERS_METRIC: float(params)}, step=0)
-    record = {"key": spec.key, "run_id": summary.mlflow_run_id, "metrics": summary.metrics}
-    (spec.run_dir / DONE_FILE).write_text(json.dumps(record, indent=1, default=float))
+    spec.mark_done({"key": spec.key, "run_id": summary.mlflow_run_id, "metrics": summary.metrics})
     tune.report({"pq": float(summary.metrics.get("pq", 0.0)), "step": summary.steps})
 
 
@@ -96,13 +107,12 @@ def close_stopped_trials(results, book: TrialBook, echo) -> list[str]:
         spec = book.specs[trial_key(result.config, book.study)]
         if result.error is not None or spec.done():
             continue
-        run_id = json.loads((spec.run_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
+        run_id = json.loads(storage.read_text(storage.join(spec.location, tracking.RUN_ID_FILE)))["run_id"]
         logger = tracking.RunLogger(book.tracking.tracking_uri, run_id)
         logger.set_tags({EARLY_STOPPED_TAG: "true"})
         logger.finish("FINISHED")
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-        done = {"key": spec.key, "run_id": run_id, "metrics": metrics, EARLY_STOPPED_TAG: True}
-        (spec.run_dir / DONE_FILE).write_text(json.dumps(done, indent=1, default=float))
+        spec.mark_done({"key": spec.key, "run_id": run_id, "metrics": metrics, EARLY_STOPPED_TAG: True})
         echo(f"[{spec.key}] stopped early by ASHA at step {metrics.get('step', '?')}")
         stopped.append(spec.key)
     return stopped

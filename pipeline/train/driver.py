@@ -1,42 +1,54 @@
 """`kmax train`: the Ray Train driver that builds the TorchTrainer, and its command line.
 
-    kmax train --config tiny --set train.steps=300 [--data PREPARED_DIR] [--run-dir DIR]
-               [--tracking-uri URI] [--num-workers N] [--gpu]
+    kmax train --config tiny --set train.steps=300 [--data PREPARED_DIR_OR_URI] [--run-dir DIR]
+               [--storage PATH_OR_URI] [--tracking-uri URI] [--num-workers N] [--gpu]
 
-`fit(cfg)` does, in order: make every path absolute; check the tracking store (an unreachable MLflow server
-fails here); with a prepared dataset, read and check its manifests, bind its classes and refuse an
-incompatible checkpoint already in the run directory, all before Ray starts; start or join Ray; make the
-synthetic dataset when no ``data.prepared_dir`` is given; create or resume the MLflow run (its id lives in
-``<run_dir>/mlflow_run.json`` and in every checkpoint); run a TorchTrainer over
-pipeline.train.worker.train_fn_per_worker.
+`fit(cfg)` does, in order: make every path absolute (storage from ``KMAX_STORAGE`` when none is given);
+check the tracking store (an unreachable MLflow server fails here); with a prepared dataset, read and check
+its manifests, bind its classes and refuse an incompatible checkpoint, all before Ray starts; start or join
+Ray, and refuse a cluster of several nodes without storage; make the synthetic dataset when no
+``data.prepared_dir`` is given; create or resume the MLflow run and log the config; run a TorchTrainer over
+pipeline.train.worker.train_fn_per_worker while a thread forwards the workers' reports (progress lines,
+metrics, figures) to the terminal and to MLflow (pipeline.train.forwarder).
 
-Run directory layout::
+Where things go: the run's *location* (``cfg.run_location``: the run directory, or
+``<storage>/<run dir's name>``) holds everything that must outlive a process or be seen by other nodes;
+the run directory, on the driver's disk, what only the driver uses::
 
-    <run_dir>/config.yaml                 the resolved ExperimentConfig
+    <location>/config.yaml                the resolved ExperimentConfig
+    <location>/mlflow_run.json            the MLflow run of this run (a rerun resumes it)
+    <location>/ray_results/train/checkpoint_XXXXXXX/state.pt (+ state.json)   checkpoints (Ray Train)
+    <location>/best/state.pt              the checkpoint with the best validation PQ
+    <location>/journal/steps-*.jsonl      every logged step (pipeline.train.journal)
+    <location>/data/prepared              the synthetic dataset, when none was given
     <run_dir>/mlflow.db, mlartifacts/     the embedded MLflow store (when no tracking URI is given)
-    <run_dir>/ray_results/train/checkpoint_XXXXXXX/state.pt   the N most recent checkpoints (Ray Train)
-    <run_dir>/best/state.pt               the checkpoint with the best validation PQ
-    <run_dir>/progress.jsonl              rank 0's progress lines (the driver prints them)
-    <run_dir>/data/prepared               the synthetic dataset, when none was given
+    <run_dir>/progress.jsonl              the progress records the driver printed
 
-Running ``kmax train`` again with the same run directory resumes from the latest checkpoint and continues
-the same MLflow run (Ray Train job-level resume: same RunConfig name and storage path).
+Running ``kmax train`` again with the same run directory resumes from the newest intact checkpoint and
+continues the same MLflow run (Ray Train job-level resume: same RunConfig name and storage path).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig, bind_manifest, load_experiment, with_absolute_paths, with_fields
-from pipeline.train.progress import PROGRESS_FILE, ProgressPrinter
+import yaml
 
-RAY_RUN_NAME = "train"
-"""Ray Train run name inside ``<run_dir>/ray_results``; fixed so that a rerun resumes (no timestamps)."""
+from pipeline.checkpoint import CHECKPOINT_FILE
+from pipeline.config import ExperimentConfig, bind_manifest, load_experiment, with_absolute_paths, with_fields
+from pipeline.storage import STORAGE_VARIABLE, filesystem, is_file, is_uri, join, write_text
+from pipeline.train.forwarder import Forwarder, MlflowSender
+from pipeline.train.journal import journal_location, read_rows
+from pipeline.train.progress import PROGRESS_FILE, ProgressLines
+from pipeline.train.resume import RAY_RUN_NAME
+from pipeline.train.run_log import open_channel
 
 
 @dataclass
@@ -51,20 +63,11 @@ class TrainSummary:
     mlflow_run_id: str
     metrics: dict[str, Any]
     wall_s: float
+    unsent: int = 0  # tracking items the MLflow store did not take (they are in the run's journal)
 
     @property
     def run_dir(self) -> str:
         return self.config.run_dir
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir).resolve() / "ray_results" / RAY_RUN_NAME
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``state.pt`` under the run's Ray storage (highest step), or None."""
-    files = sorted(checkpoint_root(run_dir).glob("checkpoint_*/state.pt"))
-    return files[-1] if files else None
 
 
 def bind_data(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -90,15 +93,27 @@ def bind_data(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def refuse_incompatible_resume(cfg: ExperimentConfig, echo) -> None:
-    """A checkpoint in the run directory trained under another config is refused (before any compute)."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.train.resume import check_compatible
+    """The checkpoint the run will resume from (the newest intact one; damaged newer ones are named and
+    kept) is refused when it was trained under another config, before any compute."""
+    from pipeline.train.resume import check_compatible, newest_valid_checkpoint
 
-    previous = latest_checkpoint(cfg.run_dir)
-    if previous is not None:
-        saved = load_checkpoint(previous)["config"]
-        check_compatible(saved, cfg.to_dict(), previous.parent, ExperimentConfig().to_dict())
-        echo(f"resuming from {previous.parent}")
+    found = newest_valid_checkpoint(cfg.run_location, lambda message: echo(f"warning: {message}"))
+    if found is not None:
+        state, folder = found
+        check_compatible(state["config"], cfg.to_dict(), folder, ExperimentConfig().to_dict())
+        echo(f"resuming from {folder}")
+
+
+def refuse_shared_nothing_without_storage(cfg: ExperimentConfig, ray) -> None:
+    """On a cluster of several nodes, workers do not see this machine's disk: without ``storage`` their
+    checkpoints, the prepared data and the run's state would be unreachable. Refused in one line."""
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if nodes > 1 and cfg.storage is None:
+        raise ValueError(
+            f"this Ray cluster has {nodes} nodes, which do not share this machine's disk: set --storage "
+            f"(or {STORAGE_VARIABLE}, or the config field storage) to a shared mount path or an object store "
+            "URI such as s3://bucket/prefix"
+        )
 
 
 def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
@@ -106,6 +121,8 @@ def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
     from pipeline import tracking as mlflow_tracking
     from pipeline.ray_setup import init_ray, run_cpu_need, with_local_cpus
 
+    if cfg.storage is None and os.environ.get(STORAGE_VARIABLE):
+        cfg = with_fields(cfg, {"storage": os.environ[STORAGE_VARIABLE]})
     cfg = with_absolute_paths(cfg)
     target = tracking or mlflow_tracking.resolve_target(cfg.tracking.uri, cfg.run_dir)
     if tracking is None:
@@ -114,12 +131,13 @@ def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
         cfg = bind_data(cfg)
         refuse_incompatible_resume(cfg, echo)
     sc = cfg.scaling
-    init_ray(with_local_cpus(cfg.ray, run_cpu_need(sc.num_workers, sc.cpus_per_worker)))
+    ray = init_ray(with_local_cpus(cfg.ray, run_cpu_need(sc.num_workers, sc.cpus_per_worker)))
+    refuse_shared_nothing_without_storage(cfg, ray)
     if cfg.data.prepared_dir is None:
         from pipeline.data.synthetic import ensure_synthetic
 
-        prepared = ensure_synthetic(Path(cfg.run_dir) / "data", cfg.data, echo)
-        cfg = bind_data(with_fields(cfg, {"data.prepared_dir": str(prepared)}))
+        prepared = ensure_synthetic(join(cfg.run_location, "data"), cfg.data, echo)
+        cfg = bind_data(with_fields(cfg, {"data.prepared_dir": prepared}))
         refuse_incompatible_resume(cfg, echo)
     return cfg, target
 
@@ -140,60 +158,95 @@ def fit(
     passes ``TuneReportCallback`` so that every checkpoint report, with its validation PQ, reaches Tune).
     ``hooks``: step hooks run in every worker (pipeline.train.worker.StepHook). ``tracking``: an already
     resolved and checked `pipeline.tracking.TrackingTarget` (a sweep's), else the config's is resolved."""
-    from kmax_model.config_utils import save_yaml
-    from pipeline import tracking as mlflow_tracking
-    from pipeline.data.records import training_dataset
+    from pipeline.data.records import split_layout
     from pipeline.train.worker import WorkerRun
 
     t_start = time.time()
     cfg, target = prepare_run(cfg, tracking, echo)
-    run_dir = Path(cfg.run_dir)
-    save_yaml(cfg, run_dir / "config.yaml")
-    run_name = cfg.tracking.run_name or run_dir.name
-    run_id, _ = mlflow_tracking.start_or_resume_run(
-        target,
-        cfg.tracking.experiment_name,
-        run_dir,
-        run_name,
-        tags={**(tags or {}), "run_dir": str(run_dir)},
-    )
-    train_ds, train_rows, passes = training_dataset(
-        cfg.data.prepared_dir, cfg.data.train_split, cfg.data.min_epoch_rows
-    )
-    progress = str(run_dir / PROGRESS_FILE)
-    run = WorkerRun(cfg, target.tracking_uri, run_id, progress, train_rows, passes, tuple(hooks))
-    result = _run_trainer(cfg, run, train_ds, callbacks or [], echo)
-    final = result.checkpoint.path if result.checkpoint else None
-    best = run_dir / "best" / "state.pt"
-    best_path = str(best) if best.exists() else None
-    logger = mlflow_tracking.RunLogger(target.tracking_uri, run_id)
-    logger.log_dict({"latest": final, "best": best_path}, "checkpoints.json")
-    logger.finish()
+    location = cfg.run_location
+    write_text(join(location, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_id = _start_mlflow_run(cfg, target, tags)
+    shards, group_rows = split_layout(cfg.data.prepared_dir, cfg.data.train_split)
+    rows = sum(map(sum, group_rows))
+    passes = -(-cfg.data.min_epoch_rows // rows) if rows < cfg.data.min_epoch_rows else 1
+    channel = open_channel()
+    run = WorkerRun(cfg, run_id, channel, shards, group_rows, passes, tuple(hooks))
+    sender = _sender(target.tracking_uri, run_id, location, echo)
+    result = _run_trainer(cfg, run, callbacks or [], Forwarder(
+        channel, sender, str(Path(cfg.run_dir) / PROGRESS_FILE), ProgressLines(cfg.train.steps), echo
+    ))  # fmt: skip
+    final = _checkpoint_location(result.checkpoint)
+    best = join(location, "best", CHECKPOINT_FILE)
+    best_path = best if is_file(best) else None
+    sender.add_artifact("checkpoints.json", json.dumps({"latest": final, "best": best_path}).encode())
+    unsent = _close_tracking(sender, "FINISHED", cfg, echo)
     metrics = dict(result.metrics or {})
     steps = int(metrics.get("step", 0))
     return TrainSummary(
-        cfg, steps, final, best_path, target.tracking_uri, run_id, metrics, time.time() - t_start
+        cfg, steps, final, best_path, target.tracking_uri, run_id, metrics, time.time() - t_start, unsent
     )
 
 
-def _run_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list, echo):
-    """Fit the TorchTrainer while a thread prints the progress lines; a failed run's MLflow run is FAILED."""
-    from pipeline.tracking import RunLogger
+def _start_mlflow_run(cfg: ExperimentConfig, target, tags: dict | None) -> str:
+    """Create or resume the run's MLflow run (recorded under its location); log the config once."""
+    from pipeline import tracking as mlflow_tracking
 
-    trainer = _build_trainer(cfg, run, train_ds, callbacks)
-    printer = ProgressPrinter(Path(run.progress_file), cfg.train.steps, echo)
-    printer.start()
+    location = cfg.run_location
+    run_name = cfg.tracking.run_name or Path(cfg.run_dir).name
+    tags = {**(tags or {}), "run_dir": cfg.run_dir, "run_location": location}
+    run_id, _ = mlflow_tracking.start_or_resume_run(
+        target, cfg.tracking.experiment_name, location, run_name, tags
+    )
+    logger = mlflow_tracking.RunLogger(target.tracking_uri, run_id)
+    if not logger.has_params():
+        logger.log_params(mlflow_tracking.flatten_params(cfg.to_dict()))
+        logger.log_dict(cfg.to_dict(), "config.json")
+    return run_id
+
+
+def _sender(tracking_uri: str, run_id: str, location: str, echo) -> MlflowSender:
+    """The run's MLflow sender, holding the journal of an earlier attempt (a resumed run): what the store
+    misses of it is sent first, what it has is dropped (pipeline.tracking.RunLogger)."""
+    sender = MlflowSender(tracking_uri, run_id, echo)
+    for row in read_rows(location):
+        sender.add_row(row["step"], row["metrics"], row["time_ms"])
+    return sender
+
+
+def _close_tracking(sender: MlflowSender, status: str, cfg: ExperimentConfig, echo) -> int:
+    """Send the rest and close the MLflow run; when the store stays unreachable (``tracking.final_flush_s``),
+    say where the metrics are. Returns how many items could not be sent."""
+    sender.finish(status)
+    if sender.flush(cfg.tracking.final_flush_s):
+        return 0
+    location = cfg.run_location
+    echo(
+        f"warning: the MLflow store {sender.tracking_uri} did not answer at the end of the run: "
+        f"{sender.pending} item(s) not sent. Every logged step is in the journal "
+        f"{journal_location(location)}; "
+        "run the same `kmax train` again when the store is back and it sends what is missing"
+    )
+    return sender.pending
+
+
+def _run_trainer(cfg: ExperimentConfig, run, callbacks: list, forwarder: Forwarder):
+    """Fit the TorchTrainer while the forwarder prints progress and sends metrics; a failed run's MLflow run
+    is closed FAILED (or left for the journal when the store is down)."""
+    trainer = _build_trainer(cfg, run, callbacks)
+    forwarder.start()
     try:
         return trainer.fit()
     except BaseException:
-        RunLogger(run.tracking_uri, run.mlflow_run_id).finish("FAILED")
+        forwarder.stop.set()
+        forwarder.join()
+        _close_tracking(forwarder.sender, "FAILED", cfg, forwarder.echo)
         raise
     finally:
-        printer.stop.set()
-        printer.join()
+        forwarder.stop.set()
+        forwarder.join()
 
 
-def _build_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list):
+def _build_trainer(cfg: ExperimentConfig, run, callbacks: list):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -210,11 +263,9 @@ def _build_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list):
             resources_per_worker=sc.resources_per_worker(),
             placement_strategy=sc.placement_strategy,
         ),
-        datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
-            storage_path=str(Path(cfg.run_dir) / "ray_results"),
+            **ray_storage(join(cfg.run_location, "ray_results")),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.num_to_keep,
                 checkpoint_score_attribute="step",
@@ -224,6 +275,22 @@ def _build_trainer(cfg: ExperimentConfig, run, train_ds, callbacks: list):
             callbacks=callbacks,
         ),
     )
+
+
+def ray_storage(location: str) -> dict[str, Any]:
+    """Ray Train's ``storage_path`` (and ``storage_filesystem`` for an object store) of a location."""
+    if not is_uri(location):
+        return {"storage_path": location}
+    fs, path = filesystem(location)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _checkpoint_location(checkpoint) -> str | None:
+    """A Ray Train checkpoint as a location string: its path, with the scheme of its filesystem."""
+    if checkpoint is None:
+        return None
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,22 +1,17 @@
-"""Progress of a training run, written by rank 0 and printed by whoever watches the run.
+"""Progress lines of a training run: what the driver prints while it trains.
 
-Rank 0 (pipeline.train.worker) appends one JSON object per line to ``<run_dir>/progress.jsonl``:
-``{"step", "loss", "lr", "images_per_s", "data_wait_fraction", ...}`` every ``train.log_interval`` steps,
-``{"step", "eval": {metric: value}}`` after each validation, and ``{"done": true, "step", ...}`` at the end.
-`ProgressPrinter` tails that file in a thread of the driver (``kmax train``) or of the sweep driver (one per
-trial, whose own output Ray keeps out of the terminal) and prints each line as it arrives.
+Rank 0 (pipeline.train.run_log) reports one record per ``train.log_interval`` steps (``{"step", "loss",
+"lr", "images_per_s", "data_wait_fraction", ...}``), ``{"step", "eval": {metric: value}}`` after each
+validation, ``{"warning": text}`` for the user and ``{"done": true, "step", ...}`` at the end. The driver
+(pipeline.train.forwarder) appends each record to ``<run_dir>/progress.jsonl`` on its own disk and prints it
+through `ProgressLines`.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from pathlib import Path
 
 PROGRESS_FILE = "progress.jsonl"
-POLL_S = 0.5
-"""Seconds between two reads of the progress file."""
 
 
 def format_duration(seconds: float) -> str:
@@ -26,47 +21,23 @@ def format_duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-class ProgressPrinter(threading.Thread):
-    """Prints a run's progress lines (step, loss, img/s, data wait, lr, ETA; validation PQ) while it trains.
+class ProgressLines:
+    """Formats progress records (step, loss, img/s, data wait, lr, ETA; validation PQ; warnings).
 
     Args:
-        path: the run's progress file (it may not exist yet).
         total_steps: the run's ``train.steps`` (for the ETA).
-        echo: line printer.
-        prefix: put before every line (a sweep names the trial).
-        announce_done: also print a line when the run finishes (a sweep trial has no summary of its own).
-    Use ``start()``, then ``stop.set()`` and ``join()``: the last lines are printed before it exits.
+        announce_done: also a line when the run finishes (a sweep trial has no summary of its own).
     """
 
-    def __init__(self, path: Path, total_steps: int, echo, prefix: str = "", announce_done: bool = False):
-        super().__init__(daemon=True)
-        self.path, self.total, self.echo, self.prefix = Path(path), total_steps, echo, prefix
-        self.announce_done = announce_done
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-        self.stop = threading.Event()
+    def __init__(self, total_steps: int, announce_done: bool = False):
+        self.total, self.announce_done = total_steps, announce_done
         self.t0 = time.time()
         self.first_step: int | None = None
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.poll()
-            self.stop.wait(POLL_S)
-        self.poll()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open() as f:
-            f.seek(self.offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            message = self.format(json.loads(line))
-            if message:
-                self.echo(self.prefix + message)
-
     def format(self, rec: dict) -> str | None:
+        """The line of a record, or None when it prints nothing."""
+        if "warning" in rec:
+            return f"warning: {rec['warning']}"
         step = rec["step"]
         if rec.get("done"):
             return f"finished at step {step}" if self.announce_done else None

@@ -11,8 +11,9 @@ are seeded from (seed, step, rank), and the data position is derived from the st
 so a run resumed from a checkpoint at step s continues exactly as the uninterrupted run would.
 
 Checkpoints are written by rank 0 (pipeline.checkpoint: atomic, weights_only-loadable) and reported
-by every rank through ``ray.train.report`` (a barrier); the best-PQ checkpoint is also copied to
-``<run_dir>/best``. Rank 0 logs to MLflow and to the progress file (pipeline.train.run_log).
+by every rank through ``ray.train.report`` (a barrier) into the run's storage; the best-PQ checkpoint is also
+copied to ``<run location>/best``. Rank 0 reports metrics, progress and figures to the driver and journals
+the metrics (pipeline.train.run_log); no worker talks to MLflow.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
+from pipeline import storage
 from pipeline.config import ExperimentConfig
-from pipeline.train.resume import check_compatible
+from pipeline.train.resume import check_compatible, fresh_checkpoint_name, newest_valid_checkpoint
 from pipeline.train.step import Trainee, train_step
 
 SEED_STRIDE = 1_000_003
@@ -45,18 +47,18 @@ class WorkerRun:
 
     Attributes:
         cfg: the bound experiment (classes from the manifest, absolute paths).
-        tracking_uri, mlflow_run_id: the MLflow run rank 0 logs to.
-        progress_file: where rank 0 appends progress lines.
-        train_rows: rows of one data epoch (all workers); passes: copies of a small split per epoch
-            (pipeline.data.records.training_dataset).
+        mlflow_run_id: the MLflow run the driver logs to (recorded in every checkpoint).
+        channel: the run's `pipeline.train.run_log.RunChannel` actor: rank 0's events go to the driver.
+        shards, group_rows: the training split's shard locations and the rows of each of their row groups
+            (pipeline.train.data_order); passes: copies of a small split per epoch (data.min_epoch_rows).
         hooks: `StepHook` callables (picklable).
     """
 
     cfg: ExperimentConfig
-    tracking_uri: str
     mlflow_run_id: str
-    progress_file: str
-    train_rows: int
+    channel: Any
+    shards: list[str]
+    group_rows: list[list[int]]
     passes: int = 1
     hooks: tuple[StepHook, ...] = field(default_factory=tuple)
 
@@ -105,16 +107,18 @@ def _build(cfg: ExperimentConfig, rank: int, world: int) -> _Worker:
     return _Worker(trainee, device, rank, world)
 
 
-def _resume(worker: _Worker, cfg: ExperimentConfig) -> None:
-    """Continue from the checkpoint Ray Train restores after a failure or on a rerun, if any."""
+def _resume(worker: _Worker, cfg: ExperimentConfig, warn) -> None:
+    """Continue from the newest intact checkpoint of the run when Ray Train restores one (after a failure
+    or on a rerun): a damaged newer one is skipped with ``warn`` and kept (pipeline.train.resume)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if ray.train.get_checkpoint() is None:
         return
-    with checkpoint.as_directory() as d:
-        state = ckpt.load_checkpoint(d)
-    check_compatible(state["config"], cfg.to_dict(), checkpoint.path, ExperimentConfig().to_dict())
+    found = newest_valid_checkpoint(cfg.run_location, warn)
+    if found is None:
+        return
+    state, folder = found
+    check_compatible(state["config"], cfg.to_dict(), folder, ExperimentConfig().to_dict())
     t = worker.trainee
     worker.step = ckpt.restore(
         state, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, scaler=t.scaler
@@ -123,18 +127,17 @@ def _resume(worker: _Worker, cfg: ExperimentConfig) -> None:
 
 
 def _batches(run: WorkerRun, worker: _Worker):
-    import ray.train
-
+    """This worker's micro-batches in the run's data order, from the micro-batch the run is at."""
     from pipeline.train.batches import MicroBatches
+    from pipeline.train.data_order import EpochOrder, split_units
 
     cfg = run.cfg
-    per_epoch = run.train_rows // worker.world // cfg.data.batch_size  # >= 1: checked by the driver
-    shard = ray.train.get_dataset_shard("train")
-    input_targets = cfg.model.loss.mask_loss_at == "input"
-    start = worker.step * cfg.train.grad_accum
+    units = split_units(run.group_rows, run.passes, worker.world)
+    order = EpochOrder(units, worker.world, cfg.data.batch_size, cfg.train.seed, cfg.data.shuffle_window)
     return MicroBatches(
-        shard, cfg.data.augment, cfg.data.batch_size, per_epoch, start, run.passes, input_targets
-    )
+        run.shards, order, worker.rank, cfg.data.augment, worker.step * cfg.train.grad_accum, run.passes,
+        input_targets=cfg.model.loss.mask_loss_at == "input",
+    )  # fmt: skip
 
 
 def _all_reduce_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
@@ -192,7 +195,7 @@ def _checkpoint(worker: _Worker, run: WorkerRun, log, loss: float, pq: float, ev
     with tempfile.TemporaryDirectory() as tmp:
         reported = None
         if worker.rank == 0:
-            log.flush()  # everything up to this checkpoint is in the store
+            log.checkpoint()  # everything up to this checkpoint is journalled and with the driver
             t = worker.trainee
             state = ckpt.build_state(
                 step=step, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, scaler=t.scaler,
@@ -201,28 +204,24 @@ def _checkpoint(worker: _Worker, run: WorkerRun, log, loss: float, pq: float, ev
             )  # fmt: skip
             ckpt.save_checkpoint(tmp, state)
             if improved:
-                best = ckpt.save_checkpoint(Path(run.cfg.run_dir) / "best", state)
-                log.best(best, step, pq)
+                best = ckpt.save_checkpoint(storage.join(run.cfg.run_location, "best"), state)
+                log.record({"path": best, "step": step, "pq": pq}, "best_checkpoint.json")
             reported = ray.train.Checkpoint.from_directory(tmp)
-        name = f"checkpoint_{step:07d}" if reported else None
+        name = fresh_checkpoint_name(run.cfg.run_location, step) if reported else None
         ray.train.report(report, checkpoint=reported, checkpoint_dir_name=name)
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
     import ray.train
 
-    from pipeline.tracking import flatten_params
     from pipeline.train.run_log import RunLog
     from pipeline.train.validation import Validator
 
     run: WorkerRun = loop_config["run"]
     cfg, ctx = run.cfg, ray.train.get_context()
     worker = _build(cfg, ctx.get_world_rank(), ctx.get_world_size())
-    _resume(worker, cfg)
-    log = RunLog(
-        run.tracking_uri, run.mlflow_run_id, run.progress_file, cfg.train.log_interval, worker.rank == 0
-    )
-    log.start(flatten_params(cfg.to_dict()), cfg.to_dict())
+    log = RunLog(run.channel, cfg.run_location, cfg.train.log_interval, worker.rank == 0)
+    _resume(worker, cfg, log.warning)
     batches = _batches(run, worker)
     validator = Validator(cfg, worker.rank, worker.world, worker.device)
     last_eval: dict[str, float] = {}
@@ -240,4 +239,5 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if _due(worker.step, cfg.train.checkpoint_interval, final):
             pq = last_eval.get("eval/pq_all", float("nan"))
             _checkpoint(worker, run, log, metrics["loss"], pq, evaluated)
+    batches.close()
     log.close(worker.step, last_eval)
