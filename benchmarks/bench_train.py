@@ -3,8 +3,8 @@
 Every configuration trains the `tiny` preset on the same synthetic images with the same per-worker batch:
 
     plain loop, T threads          augment + the training step (pipeline.train.step) in this process, no Ray
-    Ray Train 1 worker, T threads  `pipeline.train.driver.fit` (Ray Data shard, MLflow logging, checkpoints
-    off)
+    Ray Train 1 worker, T threads  `pipeline.train.driver.fit` (the worker reads its records in the run's
+                                   shuffled data order; metrics to MLflow through the driver; no checkpoints)
     Ray Train 2 workers, 1 thread  DDP over gloo, one core each
 
 for T = 1 and 2, and prints images/s two ways: the median of the per-step rates (the loop's own

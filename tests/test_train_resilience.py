@@ -64,7 +64,7 @@ def _step_gaps_ms(run_dir: Path) -> list[int]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def test_the_tracking_server_going_down_never_pauses_training(data_dir, tmp_path):
+def test_the_tracking_server_going_down_never_pauses_training(data_dir, tmp_path, capsys):
     server = MlflowServer(tmp_path / "mlflow").start()
     said: list[str] = []
     outage: dict[str, float] = {}
@@ -88,9 +88,26 @@ def test_the_tracking_server_going_down_never_pauses_training(data_dir, tmp_path
     finally:
         server.stop()
     assert "up" in outage, "the run ended before the outage was over: lengthen it"
+    _print_timeline(run_dir, outage, said, capsys)
     gaps = _step_gaps_ms(run_dir)
     assert max(gaps) < 4000, gaps  # no pause: a step (and a checkpoint) take well under a second here
     assert sum("unreachable" in line for line in said) == 1 and any("answers again" in line for line in said)
+
+
+def _print_timeline(run_dir: Path, outage: dict[str, float], said: list[str], capsys) -> None:
+    """The outage against the steps (shown with ``pytest -s``): when the server went and came back, which
+    steps ran meanwhile, the longest wait between two steps."""
+    rows = [r for r in read_rows(str(run_dir)) if r["group"] == "train"]
+    t0 = rows[0]["time_ms"] / 1000
+    during = [r["step"] for r in rows if outage["down"] <= r["time_ms"] / 1000 <= outage["up"]]
+    notes = [line for line in said if "MLflow store" in line]
+    with capsys.disabled():
+        print(
+            f"\noutage timeline: step 1 at 0.0 s; server stopped at {outage['down'] - t0:.1f} s, started "
+            f"again at {outage['up'] - t0:.1f} s; steps {during[0]}-{during[-1]} ran meanwhile; last step "
+            f"{rows[-1]['step']} at {rows[-1]['time_ms'] / 1000 - t0:.1f} s; longest gap between steps "
+            f"{max(_step_gaps_ms(run_dir)) / 1000:.2f} s; the driver said: {notes}"
+        )
 
 
 def test_a_server_that_never_comes_back_leaves_a_complete_journal(data_dir, tmp_path):
