@@ -38,7 +38,7 @@ from tests.train_helpers import make_data
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = 40
+STEPS = 30
 KILL_AFTER_STEP = 12
 """The worker node dies once the driver has seen this step (after the checkpoint at step 10)."""
 RUN_TIMEOUT_S = 420
@@ -51,6 +51,12 @@ TRAIN_FLAGS = [
     "--set", "scaling.placement_strategy=STRICT_PACK", "--set", "fault.max_failures=3",
 ]  # fmt: skip
 """2 workers x 1 CPU packed on one node: only the 2-CPU worker node holds them (the head has 1 CPU)."""
+FAST_NODE_DEATH = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+"""The head's GCS notices a dead node in ~3 s instead of ~15 s (Ray's defaults): the same events, sooner."""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,7 @@ def services(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster_storage")
     s3 = S3Server(root / "s3").start()
     mlflow = MlflowServer(root / "mlflow").start()
-    cluster = TwoNodeCluster(root / "private", root / "nodes", env=s3.env)
+    cluster = TwoNodeCluster(root / "private", root / "nodes", env={**s3.env, **FAST_NODE_DEATH})
     try:
         cluster.start()
         yield root, cluster, s3, mlflow

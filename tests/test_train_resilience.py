@@ -26,7 +26,7 @@ from tests.train_helpers import make_data, metric_steps, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = 60
+STEPS = 40
 OUTAGE_AT = 10
 OUTAGE_S = 12.0
 

@@ -1,4 +1,4 @@
-"""Training-time augmentation and target building (evaluation input is `pipeline.eval.predictor`).
+"""Training-time augmentation (evaluation input: `pipeline.eval.predictor`; targets: `pipeline.data.targets`).
 
 Training (`augment_record`): random scale in [min_scale, max_scale] (image bilinear, label nearest),
 random crop to ``crop_size`` with void padding at the bottom/right (padded image pixels are zero after
