@@ -11,9 +11,10 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGES = ("kmax_model", "pipeline", "ablations")
-ROOMS = {"data": 1, "eval": 2, "train": 3, "sweep": 4}
+ROOMS = {"data": 1, "eval": 2, "train": 3, "serve": 3, "sweep": 4}
 """Floors of pipeline's rooms; the contracts at pipeline's root (config, tracking, storage, ray_setup,
-checkpoint, cli) are floor 0. A module imports only from its own floor or below."""
+checkpoint, cli) are floor 0. A module imports only from its own floor or below (train and serve share a
+floor: neither may import the other without making a cycle, which test_no_import_cycle also catches)."""
 MODEL_MUST_NOT_IMPORT = ("pipeline", "ablations", "ray", "mlflow")
 
 

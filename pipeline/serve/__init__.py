@@ -1,0 +1,1 @@
+"""Trained models in use: official weights imported, predictions on images, exported networks."""
