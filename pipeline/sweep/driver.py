@@ -182,8 +182,11 @@ def _tuner(book: TrialBook, pending: list[TrialSpec], location: str, concurrent:
         param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=len(pending),
-            search_alg=BasicVariantGenerator(points_to_evaluate=[dict(s.point) for s in pending]),
-            max_concurrent_trials=concurrent,
+            # the limit goes on the generator: Tune ignores max_concurrent_trials (with a warning) when
+            # given a search algorithm that is not a Searcher, and then starts every trial at once
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[dict(s.point) for s in pending], max_concurrent=concurrent
+            ),
             scheduler=scheduler,
             trial_name_creator=name,
             trial_dirname_creator=name,
