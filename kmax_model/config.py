@@ -207,7 +207,8 @@ class KMaXConfig:
     ``num_classes`` is K, void excluded (class logits have K + 1 channels). Only ``output_stride = 4`` is
     implemented (COCO/ADE in deeplab2; Cityscapes uses 4 as in bytedance/kmax-deeplab). ``norm`` picks the
     normalisation of all decoder/head layers (BatchNorm with ``bn_eps``/``bn_momentum``; training converts
-    it to SyncBN).
+    it to SyncBN). ``init_from``: a kmax checkpoint (a trained run's, or an imported official one) whose
+    model weights start a new training run (fine-tuning: weights only, a fresh optimiser and schedule).
     """
 
     num_classes: int = 133
@@ -222,6 +223,7 @@ class KMaXConfig:
     semantic_head: SemanticHeadConfig = field(default_factory=SemanticHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _positive("num_classes", self.num_classes)

@@ -143,7 +143,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Optimisation and cadence. Intervals count optimiser steps; 0 disables periodic eval/checkpoints
-    (a final evaluation and checkpoint are always made)."""
+    (a final evaluation and checkpoint are always made). ``grad_clip_norm``: clip the global L2 norm of all
+    gradients to this value before each optimiser step, 0 = off (bytedance/kmax-deeplab's "full_model"
+    clipping, ``torch.nn.utils.clip_grad_norm_`` over every parameter; its released configs leave it off,
+    reference_kmax.md §5). The norm before clipping is logged as ``train/grad_norm`` either way."""
 
     steps: int = 2000
     lr: float = 5e-4
@@ -154,6 +157,7 @@ class TrainConfig:
     warmup_start: float = 0.001
     poly_power: float = 0.9
     grad_accum: int = 1
+    grad_clip_norm: float = 0.0
     precision: Precision = "fp32"
     seed: int = 0
     eval_interval: int = 500
@@ -177,6 +181,7 @@ class TrainConfig:
         )
         _require(self.poly_power >= 0, f"train.poly_power must be >= 0, got {self.poly_power}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {self.grad_clip_norm}")
         for name in ("eval_interval", "checkpoint_interval", "vis_interval"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.log_interval >= 1, f"train.log_interval must be >= 1, got {self.log_interval}")
@@ -317,7 +322,9 @@ def experiment_preset(name: str) -> ExperimentConfig:
     )
 
 
-PATH_FIELDS = ("run_dir", "storage", "data.prepared_dir", "model.backbone.pretrained")
+PATH_FIELDS = (
+    "run_dir", "storage", "data.prepared_dir", "model.backbone.pretrained", "model.init_from"
+)  # fmt: skip
 """Config fields that are file-system paths: made absolute on the driver (`with_absolute_paths`), because
 Ray workers and tasks run in other directories."""
 
