@@ -9,6 +9,7 @@ reported by name; with ``strict=True`` any of them raises `CheckpointMismatchErr
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,22 +74,13 @@ def _target_module(model_or_backbone: nn.Module) -> nn.Module:
     return backbone if isinstance(backbone, nn.Module) else model_or_backbone
 
 
-def load_pretrained(model_or_backbone: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
-    """Load the checkpoint at ``path`` into the backbone (of a `KMaXDeepLab`, or a bare backbone).
+def match_backbone_state(
+    model_or_backbone: nn.Module, state: dict[str, torch.Tensor], source: str | Path, strict: bool = True
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Match a backbone checkpoint's ``state`` against the backbone (of a `KMaXDeepLab`, or a bare one).
 
-    Returns a `LoadReport`; raises `CheckpointMismatchError` when ``strict`` and anything mismatches
-    (nothing is copied into the module in that case), FileNotFoundError when the file is absent.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / unsafe files
-        raise CheckpointMismatchError(
-            f"{path}: cannot be read with torch.load(weights_only=True): {err}"
-        ) from err
-    state = extract_state_dict(raw, path)
+    Returns the `LoadReport` and the tensors to load (classifier keys dropped, mismatches left out); raises
+    `CheckpointMismatchError` naming ``source`` when ``strict`` and anything mismatches. Copies nothing."""
     module = _target_module(model_or_backbone)
     prefixes = tuple(getattr(module, "classifier_prefixes", ()))
     report = LoadReport()
@@ -107,9 +99,37 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path, strict: bool
         if k in own and v.shape != own[k].shape
     ]
     if strict and not report.ok:
-        raise CheckpointMismatchError(f"{path} does not match {type(module).__name__}: {report.summary()}")
+        raise CheckpointMismatchError(f"{source} does not match {type(module).__name__}: {report.summary()}")
     bad = {k for k, _, _ in report.mismatched}
     loadable = {k: v for k, v in kept.items() if k in own and k not in bad}
-    module.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
+    return report, loadable
+
+
+def read_state_dict(data: bytes | str | Path, source: str | Path = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The state_dict of a checkpoint given as its bytes or a local path, read with
+    ``torch.load(weights_only=True)`` (FileNotFoundError for an absent path, `CheckpointMismatchError` for
+    a file torch cannot read that way)."""
+    if not isinstance(data, bytes):
+        source = data
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"pretrained checkpoint {data} does not exist")
+    try:
+        raw = torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu",
+                         weights_only=True)  # fmt: skip
+    except Exception as err:  # torch raises several types for corrupt / unsafe files
+        raise CheckpointMismatchError(
+            f"{source}: cannot be read with torch.load(weights_only=True): {err}"
+        ) from err
+    return extract_state_dict(raw, source)
+
+
+def load_pretrained(model_or_backbone: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+    """Load the checkpoint at ``path`` into the backbone (of a `KMaXDeepLab`, or a bare backbone).
+
+    Returns a `LoadReport`; raises `CheckpointMismatchError` when ``strict`` and anything mismatches
+    (nothing is copied into the module in that case), FileNotFoundError when the file is absent.
+    """
+    report, loadable = match_backbone_state(model_or_backbone, read_state_dict(path), path, strict)
+    _target_module(model_or_backbone).load_state_dict(loadable, strict=False)
     return report

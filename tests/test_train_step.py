@@ -97,3 +97,37 @@ def test_a_scaler_scales_the_backward_and_unscales_the_update():
 def test_grad_accum_is_validated():
     with pytest.raises(ValueError, match="train.grad_accum"):
         train_step(_trainee(nn.Linear(3, 2)), lambda: _data(), grad_accum=0)
+
+
+class Linear34(nn.Module):
+    """outputs = 3 * a + 4 * b summed: the gradient of the output is exactly (3, 4), norm 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        return (3 * self.a + 4 * self.b).expand(len(images), 2)
+
+
+class MeanOutput(SquaredError):
+    weights = {"loss_out": 1.0}
+
+    def __call__(self, outputs, targets, generator=None):
+        return {"loss_out": outputs.mean()}
+
+
+@pytest.mark.parametrize(("clip", "scaler"), [(0.0, False), (1.0, False), (1.0, True), (10.0, True)])
+def test_gradient_clipping_by_global_norm(clip, scaler):
+    """Gradient (3, 4), global norm 5: ``grad_norm`` is 5 whatever the clip; SGD at lr 1 moves the weights
+    by the gradient scaled to min(1, clip / 5), also when an fp16-style scaler scales the loss by 2**10
+    (the norm and the clip apply to the unscaled gradients)."""
+    model = Linear34()
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaler else None
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainee = Trainee(model, MeanOutput(), opt, scaler=grad_scaler, grad_clip_norm=clip)
+    metrics = train_step(trainee, lambda: (torch.zeros(2, 3), []))
+    assert metrics["grad_norm"] == pytest.approx(5.0, rel=1e-6)
+    factor = min(1.0, clip / 5.0) if clip > 0 else 1.0
+    assert model.a.item() == pytest.approx(-3.0 * factor, rel=1e-5)
+    assert model.b.item() == pytest.approx(-4.0 * factor, rel=1e-5)

@@ -42,7 +42,14 @@ from typing import Any
 import yaml
 
 from pipeline.checkpoint import CHECKPOINT_FILE
-from pipeline.config import ExperimentConfig, bind_manifest, load_experiment, with_absolute_paths, with_fields
+from pipeline.config import (
+    ExperimentConfig,
+    bind_manifest,
+    field_value,
+    load_experiment,
+    with_absolute_paths,
+    with_fields,
+)
 from pipeline.storage import STORAGE_VARIABLE, filesystem, is_file, is_uri, join, write_text
 from pipeline.train.forwarder import Forwarder, MlflowSender
 from pipeline.train.journal import journal_location, read_rows
@@ -92,9 +99,9 @@ def bind_data(cfg: ExperimentConfig) -> ExperimentConfig:
     return bind_manifest(cfg, train)
 
 
-def refuse_incompatible_resume(cfg: ExperimentConfig, echo) -> None:
+def refuse_incompatible_resume(cfg: ExperimentConfig, echo) -> bool:
     """The checkpoint the run will resume from (the newest intact one; damaged newer ones are named and
-    kept) is refused when it was trained under another config, before any compute."""
+    kept) is refused when it was trained under another config, before any compute. True: the run resumes."""
     from pipeline.train.resume import check_compatible, newest_valid_checkpoint
 
     found = newest_valid_checkpoint(cfg.run_location, lambda message: echo(f"warning: {message}"))
@@ -102,6 +109,7 @@ def refuse_incompatible_resume(cfg: ExperimentConfig, echo) -> None:
         state, folder = found
         check_compatible(state["config"], cfg.to_dict(), folder, ExperimentConfig().to_dict())
         echo(f"resuming from {folder}")
+    return found is not None
 
 
 def refuse_shared_nothing_without_storage(cfg: ExperimentConfig, ray) -> None:
@@ -116,10 +124,26 @@ def refuse_shared_nothing_without_storage(cfg: ExperimentConfig, ray) -> None:
         )
 
 
+def _initial_weight_files_exist(cfg: ExperimentConfig) -> None:
+    """Named initial weights must exist, before Ray starts; a run with checkpoints (it will resume) reads
+    neither file, which may be gone."""
+    from pipeline.train.resume import checkpoint_names
+
+    if checkpoint_names(cfg.run_location):
+        return
+    for name in ("model.backbone.pretrained", "model.init_from"):
+        location = field_value(cfg, name)
+        if location is not None and not is_file(location):
+            raise FileNotFoundError(f"{name}={location}: no such file")
+
+
 def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
-    """Everything before the trainer: absolute paths, tracking, data, Ray. Returns (bound cfg, target)."""
+    """Everything before the trainer: absolute paths, tracking, data, initial weights (not when resuming),
+    Ray. Returns (bound cfg, tracking target, `InitialWeights` or None); with a prepared dataset every
+    check is made before Ray starts, with the synthetic one the weights are matched once it is bound."""
     from pipeline import tracking as mlflow_tracking
     from pipeline.ray_setup import init_ray, run_cpu_need, with_local_cpus
+    from pipeline.train.init_weights import read_initial_weights
 
     if cfg.storage is None and os.environ.get(STORAGE_VARIABLE):
         cfg = with_fields(cfg, {"storage": os.environ[STORAGE_VARIABLE]})
@@ -127,9 +151,12 @@ def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
     target = tracking or mlflow_tracking.resolve_target(cfg.tracking.uri, cfg.run_dir)
     if tracking is None:
         mlflow_tracking.check_tracking_uri(target.tracking_uri)
+    _initial_weight_files_exist(cfg)
+    weights = None
     if cfg.data.prepared_dir is not None:  # everything the driver can check, before Ray starts
         cfg = bind_data(cfg)
-        refuse_incompatible_resume(cfg, echo)
+        if not refuse_incompatible_resume(cfg, echo):
+            weights = read_initial_weights(cfg)
     sc = cfg.scaling
     ray = init_ray(with_local_cpus(cfg.ray, run_cpu_need(sc.num_workers, sc.cpus_per_worker)))
     refuse_shared_nothing_without_storage(cfg, ray)
@@ -138,8 +165,9 @@ def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):
 
         prepared = ensure_synthetic(join(cfg.run_location, "data"), cfg.data, echo)
         cfg = bind_data(with_fields(cfg, {"data.prepared_dir": prepared}))
-        refuse_incompatible_resume(cfg, echo)
-    return cfg, target
+        if not refuse_incompatible_resume(cfg, echo):
+            weights = read_initial_weights(cfg)
+    return cfg, target, weights
 
 
 def fit(
@@ -162,15 +190,16 @@ def fit(
     from pipeline.train.worker import WorkerRun
 
     t_start = time.time()
-    cfg, target = prepare_run(cfg, tracking, echo)
+    cfg, target, weights = prepare_run(cfg, tracking, echo)
     location = cfg.run_location
     write_text(join(location, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run_id = _start_mlflow_run(cfg, target, tags)
+    run_id = _start_mlflow_run(cfg, target, tags, weights)
     shards, group_rows = split_layout(cfg.data.prepared_dir, cfg.data.train_split)
     rows = sum(map(sum, group_rows))
     passes = -(-cfg.data.min_epoch_rows // rows) if rows < cfg.data.min_epoch_rows else 1
     channel = open_channel()
-    run = WorkerRun(cfg, run_id, channel, shards, group_rows, passes, tuple(hooks))
+    initial = weights.shipped() if weights is not None else None
+    run = WorkerRun(cfg, run_id, channel, shards, group_rows, passes, tuple(hooks), initial)
     sender = _sender(target.tracking_uri, run_id, location, echo)
     result = _run_trainer(cfg, run, callbacks or [], Forwarder(
         channel, sender, str(Path(cfg.run_dir) / PROGRESS_FILE), ProgressLines(cfg.train.steps), echo
@@ -187,8 +216,9 @@ def fit(
     )
 
 
-def _start_mlflow_run(cfg: ExperimentConfig, target, tags: dict | None) -> str:
-    """Create or resume the run's MLflow run (recorded under its location); log the config once."""
+def _start_mlflow_run(cfg: ExperimentConfig, target, tags: dict | None, weights=None) -> str:
+    """Create or resume the run's MLflow run (recorded under its location); log the config once, and the
+    initial weights' sha256 (params ``<field>.sha256``) and load report (``initial_weights.json``)."""
     from pipeline import tracking as mlflow_tracking
 
     location = cfg.run_location
@@ -201,6 +231,9 @@ def _start_mlflow_run(cfg: ExperimentConfig, target, tags: dict | None) -> str:
     if not logger.has_params():
         logger.log_params(mlflow_tracking.flatten_params(cfg.to_dict()))
         logger.log_dict(cfg.to_dict(), "config.json")
+    if weights is not None:
+        logger.log_params(weights.params())
+        logger.log_dict(weights.records, "initial_weights.json")
     return run_id
 
 

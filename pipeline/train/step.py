@@ -4,8 +4,10 @@ The Ray Train worker (pipeline.train.worker), the training benchmark (benchmarks
 overfit test call `train_step`, so the three cannot drift apart. It does: zero the gradients; for each of
 ``grad_accum`` micro-batches, forward (under autocast when ``amp_dtype`` is set), the criterion's dict of
 unweighted losses, their weighted sum (``criterion.total``), backward of ``total / grad_accum`` through the
-gradient scaler (DDP gradient synchronisation only on the last micro-batch); then the optimiser step and
-the scheduler step.
+gradient scaler (DDP gradient synchronisation only on the last micro-batch); then the global L2 norm of the
+gradients (unscaled first when a scaler is enabled), clipped to ``grad_clip_norm`` when that is > 0
+(bytedance/kmax-deeplab@f8e1d04 train_net.py "full_model" clipping: one norm over every parameter); then
+the optimiser step and the scheduler step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ Batch = tuple[torch.Tensor, list[dict]]
 @dataclass
 class Trainee:
     """What a step updates: the (possibly DDP-wrapped) model, its criterion, optimiser and lr schedule
-    (None: a constant lr), and the gradient scaler (None: no scaling; fp16 needs an enabled one)."""
+    (None: a constant lr), the gradient scaler (None: no scaling; fp16 needs an enabled one), the autocast
+    dtype (None: fp32) and ``grad_clip_norm`` (0: the norm is measured, not clipped)."""
 
     model: torch.nn.Module
     criterion: Callable
@@ -31,6 +34,7 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
+    grad_clip_norm: float = 0.0
 
 
 def _sync_context(model: torch.nn.Module, last: bool):
@@ -56,13 +60,24 @@ def _backward(trainee: Trainee, batch: Batch, grad_accum: int, generator) -> dic
     return {**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(total.detach())}
 
 
+def _grad_norm(trainee: Trainee) -> float:
+    """The global L2 norm of the (unscaled) gradients, after which they are clipped to ``grad_clip_norm``
+    when that is > 0."""
+    if trainee.scaler is not None and trainee.scaler.is_enabled():
+        trainee.scaler.unscale_(trainee.optimizer)  # measure and clip true gradients; step() knows
+    params = [p for group in trainee.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    limit = trainee.grad_clip_norm if trainee.grad_clip_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
 def train_step(
     trainee: Trainee, next_batch: Callable[[], Batch], grad_accum: int = 1, generator=None
 ) -> dict[str, float]:
     """One optimiser step over ``grad_accum`` micro-batches from ``next_batch()``.
 
-    Returns the losses averaged over the micro-batches (criterion keys plus "loss") and "lr", the learning
-    rate of the last parameter group used by this step."""
+    Returns the losses averaged over the micro-batches (criterion keys plus "loss"), "grad_norm" (the
+    global L2 norm of the gradients before clipping; inf or nan after an fp16 overflow, a step the scaler
+    skips) and "lr", the learning rate of the last parameter group used by this step."""
     if grad_accum < 1:
         raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
     trainee.optimizer.zero_grad(set_to_none=True)
@@ -72,6 +87,7 @@ def train_step(
             losses = _backward(trainee, next_batch(), grad_accum, generator)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v / grad_accum
+    sums["grad_norm"] = _grad_norm(trainee)
     if trainee.scaler is not None:
         trainee.scaler.step(trainee.optimizer)
         trainee.scaler.update()

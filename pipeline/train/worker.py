@@ -52,6 +52,8 @@ class WorkerRun:
         shards, group_rows: the training split's shard locations and the rows of each of their row groups
             (pipeline.train.data_order); passes: copies of a small split per epoch (data.min_epoch_rows).
         hooks: `StepHook` callables (picklable).
+        initial: the weights a new run starts from (pipeline.train.init_weights; None: none named, or the
+            run resumes), loaded unless a checkpoint is restored.
     """
 
     cfg: ExperimentConfig
@@ -61,6 +63,7 @@ class WorkerRun:
     group_rows: list[list[int]]
     passes: int = 1
     hooks: tuple[StepHook, ...] = field(default_factory=tuple)
+    initial: Any = None
 
 
 def step_seed(seed: int, step: int, rank: int, world: int) -> int:
@@ -79,18 +82,23 @@ class _Worker:
     best_pq: float = float("-inf")
 
 
-def _build(cfg: ExperimentConfig, rank: int, world: int) -> _Worker:
+def _build(run: WorkerRun, rank: int, world: int, found: tuple[dict, str] | None) -> _Worker:
+    """The model (initial weights loaded unless ``found``, the checkpoint to restore, will replace them)
+    wrapped for DDP, its criterion, optimiser, schedule and scaler."""
     import ray.train.torch
 
     from kmax_model.criterion import LOSS_KEY_TO_WEIGHT_FIELD, build_criterion
     from kmax_model.model import build_model
     from pipeline.train.optim import build_optimization
 
+    cfg = run.cfg
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
+    if found is None and run.initial is not None:
+        run.initial.load_into(model)  # every rank the same tensors, before DDP wraps the model
     if world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # A loss weighted 0 is not computed (kmax_model.criterion), so the head it trains gets no gradient,
@@ -102,19 +110,24 @@ def _build(cfg: ExperimentConfig, rank: int, world: int) -> _Worker:
     optimizer, scheduler = build_optimization(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     trainee = Trainee(
-        model, build_criterion(cfg.model), optimizer, scheduler, scaler, AMP_DTYPES.get(cfg.train.precision)
-    )
+        model, build_criterion(cfg.model), optimizer, scheduler, scaler, AMP_DTYPES.get(cfg.train.precision),
+        cfg.train.grad_clip_norm,
+    )  # fmt: skip
     return _Worker(trainee, device, rank, world)
 
 
-def _resume(worker: _Worker, cfg: ExperimentConfig, warn) -> None:
-    """Continue from the newest intact checkpoint of the run when Ray Train restores one (after a failure
-    or on a rerun): a damaged newer one is skipped with ``warn`` and kept (pipeline.train.resume)."""
+def _checkpoint_to_restore(cfg: ExperimentConfig, warn) -> tuple[dict, str] | None:
+    """The newest intact checkpoint of the run when Ray Train restores one (after a failure or on a rerun):
+    a damaged newer one is skipped with ``warn`` and kept (pipeline.train.resume)."""
     import ray.train
 
     if ray.train.get_checkpoint() is None:
-        return
-    found = newest_valid_checkpoint(cfg.run_location, warn)
+        return None
+    return newest_valid_checkpoint(cfg.run_location, warn)
+
+
+def _resume(worker: _Worker, cfg: ExperimentConfig, found: tuple[dict, str] | None) -> None:
+    """Continue from ``found`` (state, folder), refused when trained under another config."""
     if found is None:
         return
     state, folder = found
@@ -219,9 +232,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     run: WorkerRun = loop_config["run"]
     cfg, ctx = run.cfg, ray.train.get_context()
-    worker = _build(cfg, ctx.get_world_rank(), ctx.get_world_size())
-    log = RunLog(run.channel, cfg.run_location, cfg.train.log_interval, worker.rank == 0)
-    _resume(worker, cfg, log.warning)
+    log = RunLog(run.channel, cfg.run_location, cfg.train.log_interval, ctx.get_world_rank() == 0)
+    found = _checkpoint_to_restore(cfg, log.warning)
+    worker = _build(run, ctx.get_world_rank(), ctx.get_world_size(), found)
+    _resume(worker, cfg, found)
     batches = _batches(run, worker)
     validator = Validator(cfg, worker.rank, worker.world, worker.device)
     last_eval: dict[str, float] = {}
