@@ -115,22 +115,26 @@ class Predictor:
         self.device = torch.device(device or "cpu")
 
     @torch.no_grad()
-    def __call__(self, records: Sequence[dict], return_assignments: bool = False) -> list[dict]:
+    def __call__(
+        self, records: Sequence[dict], return_assignments: bool = False, instances: bool = True
+    ) -> list[dict]:
         """Decoded records -> per record {"label_map" int32 np [h, w], "segments", "instances" ({"masks" bool
-        np [n, h, w], "scores" float32 np [n], "class_ids" int64 np [n]}), optionally "assignments" (list over
-        decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}. Images of equal padded
-        size share one forward pass."""
+        np [n, h, w], "scores" float32 np [n], "class_ids" int64 np [n]}; only with ``instances``: mask AP
+        needs them, panoptic output does not, and they cost 2/3 of a prediction), optionally "assignments"
+        (list over decoder layers of int64 np [h', w'] cluster indices, cropped to the image)}. Images of
+        equal padded size share one forward pass."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(records):
             size = input_size(int(r["height"]), int(r["width"]), self.eval_long_side)
             groups.setdefault(pad_size([size], self.eval_size), []).append(i)
         results: list[dict] = [{}] * len(records)
         for members in groups.values():
-            for i, out in zip(members, self._predict([records[i] for i in members], return_assignments)):
+            batch = [records[i] for i in members]
+            for i, out in zip(members, self._predict(batch, return_assignments, instances)):
                 results[i] = out
         return results
 
-    def _predict(self, records: Sequence[dict], return_assignments: bool) -> list[dict]:
+    def _predict(self, records: Sequence[dict], return_assignments: bool, instances: bool) -> list[dict]:
         """One forward pass over records of the same padded size."""
         images, sizes = eval_batch(records, self.eval_size, self.eval_long_side)
         images = images.to(self.device)
@@ -151,9 +155,10 @@ class Predictor:
                 image_size=(int(r["height"]), int(r["width"])),
             )
             out = {"label_map": label.cpu().numpy().astype(np.int32), "segments": segments}
-            out["instances"] = self._instances(
-                outputs, b, (H, W), (h, w), (int(r["height"]), int(r["width"]))
-            )
+            if instances:
+                out["instances"] = self._instances(
+                    outputs, b, (H, W), (h, w), (int(r["height"]), int(r["width"]))
+                )
             if return_assignments:
                 out["assignments"] = [_crop_assignment(a[b], (h, w), (H, W)) for a in outputs["assignments"]]
             results.append(out)
