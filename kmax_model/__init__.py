@@ -20,6 +20,7 @@ from kmax_model.config import (
 )
 from kmax_model.config_objective import LossConfig, PostProcessConfig
 from kmax_model.config_utils import apply_overrides, config_from_dict, config_to_dict, load_yaml, save_yaml
+from kmax_model.convert import ConversionError, convert_kmax_deeplab
 from kmax_model.criterion import build_criterion
 from kmax_model.model import KMaXDeepLab, build_model
 from kmax_model.pretrained import CheckpointMismatchError, LoadReport, load_pretrained
@@ -28,6 +29,7 @@ __all__ = [
     "PRESET_NAMES",
     "BackboneConfig",
     "CheckpointMismatchError",
+    "ConversionError",
     "HeadConfig",
     "KMaXConfig",
     "KMaXDeepLab",
@@ -42,6 +44,7 @@ __all__ = [
     "build_model",
     "config_from_dict",
     "config_to_dict",
+    "convert_kmax_deeplab",
     "load_pretrained",
     "load_yaml",
     "postprocess",

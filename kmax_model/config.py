@@ -25,6 +25,8 @@ Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax"]
 ASSIGNMENT_MODES: tuple[str, ...] = get_args(Assignment)
 """The pixel-to-cluster assignments (kmax_model.clustering), listed once."""
 NormName = Literal["bn", "gn"]
+MIN_PIXEL_DECODER_STAGES = 4
+"""Pixel-decoder stages at least: strides 32, 16, 8 feed the transformer decoder, the last the final head."""
 
 PRESET_NAMES = (
     "tiny",
@@ -75,32 +77,56 @@ class BackboneConfig:
 
 @dataclass
 class PixelDecoderConfig:
-    """Enhanced pixel decoder, one stage per stride 32, 16, 8, 4 (deeplab2 ``model/pixel_decoder/kmax.py``).
+    """Enhanced pixel decoder (deeplab2 ``model/pixel_decoder/kmax.py``), one stage per ``in_features``
+    entry, deepest first: stage 0 consumes LN(``in_features[0]``), stage i > 0 fuses the previous stage's
+    output with LN(``in_features[i]``). The first three stage outputs (strides 32, 16, 8) feed the transformer
+    decoder, the last one the final prediction head. COCO: res5, res4, res3, res2; bytedance's Cityscapes
+    R50 adds a fifth stage and reads ``("res5", "res4", "res3", "stem", "res2")`` (detectron2 sorts its
+    stride-4 "stem", the max-pool output, before res2), so its final map is at stride 4 with 4 * 32 channels.
 
     Stage i has ``num_blocks[i]`` blocks of type ``block_types[i]`` with base width ``dims[i]`` and output
     ``4 * dims[i]`` channels. Axial attention uses ``num_heads`` heads, key depth ``dims[i]`` and value depth
     ``2 * dims[i]``; its relative-position tables have ``2 * max_span - 1`` rows (deeplab2 MAX_SPAN = 255),
     and distances beyond ``max_span - 1`` share the last row (clamped, as deeplab2 does), so any input size
     works.
+
+    ``fuse_act_unprojected``: whether a fuse input whose width already equals the stage width (no 1x1
+    projection) still goes through GELU. deeplab2 ``layers/resized_fuse.py`` and bytedance
+    ``ResizedFuse`` activate only an input they project (False); True keeps this project's earlier
+    behaviour (the ``tiny`` preset's res2 skip has the stage width).
     """
 
-    dims: tuple[int, int, int, int] = (512, 256, 128, 64)
-    num_blocks: tuple[int, int, int, int] = (1, 5, 1, 1)
-    block_types: tuple[BlockType, BlockType, BlockType, BlockType] = (
+    dims: tuple[int, ...] = (512, 256, 128, 64)
+    num_blocks: tuple[int, ...] = (1, 5, 1, 1)
+    block_types: tuple[BlockType, ...] = (
         "axial",
         "axial",
         "bottleneck",
         "bottleneck",
     )
+    in_features: tuple[str, ...] = ("res5", "res4", "res3", "res2")
     num_heads: int = 8
     max_span: int = 255
     drop_path_rate: float = 0.0
     input_ln_eps: float = 1e-6
     rpe_init_std: float = 1.0
+    fuse_act_unprojected: bool = True
 
     def __post_init__(self) -> None:
         _all_positive("pixel_decoder.dims", self.dims)
         _all_positive("pixel_decoder.num_blocks", self.num_blocks)
+        lengths = {len(self.dims), len(self.num_blocks), len(self.block_types), len(self.in_features)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "pixel_decoder.dims, num_blocks, block_types and in_features must have one entry per "
+                f"stage, got lengths {len(self.dims)}, {len(self.num_blocks)}, {len(self.block_types)}, "
+                f"{len(self.in_features)}"
+            )
+        if len(self.dims) < MIN_PIXEL_DECODER_STAGES:
+            raise ValueError(
+                f"pixel_decoder needs at least {MIN_PIXEL_DECODER_STAGES} stages (three feed the transformer "
+                f"decoder, the last the prediction head), got {len(self.dims)}"
+            )
         _positive("pixel_decoder.num_heads", self.num_heads)
         _positive("pixel_decoder.max_span", self.max_span)
         _unit("pixel_decoder.drop_path_rate", self.drop_path_rate)
@@ -181,9 +207,24 @@ class HeadConfig:
 
 @dataclass
 class SemanticHeadConfig:
-    """Auxiliary semantic branch (Panoptic-DeepLab decoder on res5 + res3/res2 skips), training only."""
+    """Auxiliary semantic branch, training only (bytedance ``kmax_transformer_decoder.py`` @ f8e1d046).
+
+    ``decoder`` True: a Panoptic-DeepLab decoder on res5 with res3/res2 skips (ASPP with ``aspp_rates``,
+    fusions to ``decoder_channels``), then the head, output at stride 4 (COCO, ADE20K). False: bytedance's
+    ``USE_AUX_SEMANTIC_DECODER: False`` head straight on res5 (depthwise 5x5 + BN + GELU, 1x1 to
+    ``head_channels`` + BN + GELU, 1x1 to the classes), output at stride 32 (Cityscapes).
+    ``void_channel``: the logits have K + 1 channels, the last one void (never a target), as COCO's 134;
+    False: K channels (bytedance Cityscapes: 19).
+    ``pool_norm``: the ASPP image-pooling branch is conv (no bias) + BN + GELU as in deeplab2 and bytedance
+    (256 parameters more than the conv bias + GELU it replaces at 256 channels; the norm runs on the pooled
+    values broadcast to the feature map, which also works for a batch of one); False keeps this project's
+    earlier biased conv + GELU.
+    """
 
     enabled: bool = True
+    decoder: bool = True
+    void_channel: bool = True
+    pool_norm: bool = False
     aspp_channels: int = 256
     aspp_rates: tuple[int, int, int] = (6, 12, 18)
     decoder_channels: int = 256
@@ -280,16 +321,46 @@ def _tiny() -> KMaXConfig:
     )
 
 
+def _reference_pixel_decoder(**changes) -> PixelDecoderConfig:
+    """The released models' pixel decoder: fuse inputs are activated only before their projection."""
+    return PixelDecoderConfig(fuse_act_unprojected=False, **changes)
+
+
+def _reference_semantic_head(**changes) -> SemanticHeadConfig:
+    """The released models' auxiliary semantic head: BN + GELU on the ASPP image-pooling branch."""
+    return SemanticHeadConfig(pool_norm=True, **changes)
+
+
+def _cityscapes_pixel_decoder() -> PixelDecoderConfig:
+    """bytedance ``configs/cityscapes/panoptic_segmentation/kmax_r50.yaml`` @ f8e1d046: a fifth bottleneck
+    stage (32 base width) on the detectron2 "stem" (stride 4) before res2, so the final map has 128 channels
+    at stride 4 (docs/reference_kmax.md §1.3; deeplab2 reads the stride-2 conv output instead: os2)."""
+    return _reference_pixel_decoder(
+        dims=(512, 256, 128, 64, 32),
+        num_blocks=(1, 5, 1, 1, 1),
+        block_types=("axial", "axial", "bottleneck", "bottleneck", "bottleneck"),
+        in_features=("res5", "res4", "res3", "stem", "res2"),
+    )
+
+
 def preset(name: str) -> KMaXConfig:
-    """A fresh `KMaXConfig` for one of `PRESET_NAMES` (reference values of deeplab2's released configs)."""
+    """A fresh `KMaXConfig` for one of `PRESET_NAMES` (reference values of the released configs of deeplab2
+    and bytedance/kmax-deeplab; the official checkpoints convert into these, kmax_model.convert)."""
     if name == "tiny":
         return _tiny()
     if name == "resnet50_coco":
-        return KMaXConfig(num_classes=133, postprocess=PostProcessConfig.coco())
+        return KMaXConfig(
+            num_classes=133,
+            pixel_decoder=_reference_pixel_decoder(),
+            semantic_head=_reference_semantic_head(),
+            postprocess=PostProcessConfig.coco(),
+        )
     if name == "resnet50_cityscapes":
         return KMaXConfig(
             num_classes=19,
+            pixel_decoder=_cityscapes_pixel_decoder(),
             decoder=TransformerDecoderConfig(num_clusters=256),
+            semantic_head=_reference_semantic_head(decoder=False, void_channel=False),
             loss=cityscapes_loss_config(),
             postprocess=PostProcessConfig.cityscapes(),
         )
@@ -301,6 +372,8 @@ def preset(name: str) -> KMaXConfig:
                 backbone=BackboneConfig(
                     name=f"convnext_{size}", drop_path_rate=_CONVNEXT_COCO_DROP_PATH[size]
                 ),
+                pixel_decoder=_reference_pixel_decoder(),
+                semantic_head=_reference_semantic_head(),
                 postprocess=PostProcessConfig.coco(),
             )
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")

@@ -156,6 +156,10 @@ class PostProcessConfig:
         thing_area_limit: thing segments with fewer pixels (at the output size) become void (400 COCO).
         stuff_area_limit: stuff segments with fewer pixels become void (6400 COCO).
         max_instances: number of (slot, class) pairs kept by instance inference for mask AP (100).
+        resize_align_corners: how the mask logits of a resized input are resized back to the stored image
+            size (kmax_model.postprocess.upsample_mask_logits): False aligns pixel centres; bytedance's
+            ``kMaXDeepLab.forward`` (``kmax_model.py`` @ f8e1d046) uses align_corners=True there (its
+            padded input is 1281 wide, odd), which an imported official checkpoint's config sets.
     """
 
     thing_threshold: float = 0.7
@@ -167,6 +171,7 @@ class PostProcessConfig:
     thing_area_limit: int = 400
     stuff_area_limit: int = 6400
     max_instances: int = 100
+    resize_align_corners: bool = False
 
     def __post_init__(self) -> None:
         for name in ("thing_threshold", "stuff_threshold", "overlap_threshold", "pixel_confidence_threshold"):

@@ -1,7 +1,8 @@
 """KMaXDeepLab: images -> panoptic predictions (final + one auxiliary prediction per decoder layer).
 
 Meta architecture of deeplab2 ``model/kmax_deeplab.py`` @ 64bc1c1a (docs/reference_kmax.md §1.1):
-backbone -> enhanced pixel decoder -> kMaX transformer decoder on F32/F16/F8 -> final predictor on F4,
+backbone -> enhanced pixel decoder -> kMaX transformer decoder on F32/F16/F8 -> final predictor on the
+decoder's last map (F4),
 plus the auxiliary semantic head on the backbone features in training mode.
 """
 
@@ -28,7 +29,8 @@ class KMaXDeepLab(nn.Module):
       [B, D, h, w]`` (L2-normalised) with ``h = ceil(H / 4)``, ``w = ceil(W / 4)``;
     - ``aux_outputs``: one dict with the same three keys per decoder layer, resized (bilinear,
       align_corners) to ``h, w``;
-    - ``semantic_logits [B, K+1, h, w]`` when the semantic head exists and the model is training;
+    - ``semantic_logits [B, K+1 (or K), h', w']`` when the semantic head exists and the model is training
+      (``h', w' = h, w``, or the stride-32 grid for the decoder-less head, see kmax_model.semantic_head);
     - ``assignments`` (only with ``return_assignments=True``): list over decoder layers of ``[B, h_l, w_l]``
       int64 argmax cluster ids at that layer's own stride (32, 16, 8).
     """

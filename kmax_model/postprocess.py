@@ -32,6 +32,7 @@ def upsample_mask_logits(
     output_size: tuple[int, int] | None = None,
     valid_size: tuple[int, int] | None = None,
     image_size: tuple[int, int] | None = None,
+    resize_align_corners: bool = False,
 ) -> torch.Tensor:
     """Resize mask logits ``[..., N, h, w]`` bilinearly (align_corners=True) to ``output_size``, crop, and
     optionally resize the crop to the image's own size.
@@ -41,8 +42,9 @@ def upsample_mask_logits(
         output_size: (H, W) to resize to (e.g. the padded input size); None keeps ``h x w``.
         valid_size: (H', W') top-left crop applied after resizing (the unpadded image region); None keeps all.
         image_size: (H'', W'') the crop is resized to when the input was a resized copy of the image
-            (bilinear, align_corners=False, as bytedance/kmax-deeplab ``sem_seg_postprocess`` maps predictions
-            back to the original size @ f8e1d046); None keeps the crop.
+            (bilinear; align_corners=``resize_align_corners``: False aligns pixel centres, as detectron2's
+            ``sem_seg_postprocess``; bytedance's panoptic path uses True, see `PostProcessConfig`); None keeps
+            the crop.
     """
     squeeze = mask_logits.dim() == 3
     logits = mask_logits[None] if squeeze else mask_logits
@@ -51,7 +53,9 @@ def upsample_mask_logits(
     if valid_size is not None:
         logits = logits[..., : valid_size[0], : valid_size[1]]
     if image_size is not None and tuple(image_size) != tuple(logits.shape[-2:]):
-        logits = F.interpolate(logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            logits.float(), size=tuple(image_size), mode="bilinear", align_corners=resize_align_corners
+        )
     return logits[0] if squeeze else logits
 
 
@@ -123,7 +127,9 @@ def panoptic_inference(
     if category_ids is not None and len(category_ids) != num_classes:
         raise ValueError(f"category_ids has {len(category_ids)} entries, expected {num_classes}")
     class_scores, class_ids = class_logits.float().softmax(-1)[:, :-1].max(-1)  # N
-    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size, image_size).softmax(0)
+    mask_probs = upsample_mask_logits(
+        mask_logits.float(), output_size, valid_size, image_size, cfg.resize_align_corners
+    ).softmax(0)
     binary = mask_probs > cfg.pixel_confidence_threshold  # N x H x W
     pixel_counts = binary.flatten(1).sum(1)  # N
     mask_scores = (mask_probs * binary).flatten(1).sum(1) / pixel_counts.clamp(min=1)
@@ -221,7 +227,9 @@ def instance_inference(
     num_classes = class_logits.shape[-1] - 1
     thing = _thing_flags(is_thing, num_classes).to(class_logits.device)
     class_probs = class_logits.float().softmax(-1)[:, :-1]  # N x K
-    mask_probs = upsample_mask_logits(mask_logits.float(), output_size, valid_size, image_size).softmax(0)
+    mask_probs = upsample_mask_logits(
+        mask_logits.float(), output_size, valid_size, image_size, cfg.resize_align_corners
+    ).softmax(0)
     thing_classes = torch.nonzero(thing).flatten()  # T
     pair_scores = class_probs[:, thing_classes].flatten()  # N*T, slot-major
     k = min(cfg.max_instances, pair_scores.numel())

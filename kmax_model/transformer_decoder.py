@@ -111,7 +111,8 @@ class KMaXLayer(nn.Module):
         values = self.pixel_value(p).flatten(2)  # B x d x HW
         aux = self.predictor(p, cb, cb)
         assignment = assign_pixels(aux["mask_logits"].flatten(2), self.cfg.assignment)  # B x N x HW
-        update = cluster_update(assignment, values).transpose(1, 2).to(centers.dtype)  # B x d x N
+        # Contiguous B x d x N, the layout of bytedance's einsum: the convs below round as theirs do.
+        update = cluster_update(assignment, values).transpose(1, 2).contiguous().to(centers.dtype)
         c1 = centers + self.drop_update(self.update_proj(self.update_norm(update)))
         if self.pos_embed is not None:
             ref = (
@@ -165,7 +166,8 @@ class KMaXTransformerDecoder(nn.Module):
         self, features: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
         b = features[0].shape[0]
-        centers = self.cluster_centers.t()[None].expand(b, -1, -1).to(features[0].dtype)  # B x d x N
+        # A contiguous copy per image (bytedance repeats its [d, N] table): convs round as theirs do.
+        centers = self.cluster_centers.t()[None].repeat(b, 1, 1).to(features[0].dtype)  # B x d x N
         aux_outputs = []
         current, pixel = -1, None
         for layer, idx in zip(self.layers, self.layer_inputs):

@@ -1,7 +1,8 @@
 """Pixel encoders. `BACKBONES` is a plain dict ``name -> builder(cfg: BackboneConfig, norm) -> nn.Module``.
 
 Every backbone maps ``[B, 3, H, W]`` to ``{"res2", "res3", "res4", "res5"}`` at strides 4, 8, 16, 32
-("SAME" sizes ceil(H / s)), exposes ``channels: dict[str, int]`` and ``classifier_prefixes`` (the
+("SAME" sizes ceil(H / s)) plus ``"stem"`` (the stem's output, stride 4, read by bytedance's Cityscapes
+pixel decoder), exposes ``channels: dict[str, int]`` and ``classifier_prefixes`` (the
 checkpoint keys `kmax_model.pretrained.load_pretrained` drops).
 """
 

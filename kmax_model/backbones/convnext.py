@@ -5,8 +5,11 @@ decoder LayerNorms each stage output itself, deeplab2 ``model/pixel_decoder/kmax
 
 "SAME" sizes as deeplab2 ``zero_padding_for_downstream`` (convnext.py L114-136 @ 64bc1c1a): the input is
 zero-padded (top/left 1, bottom/right 2) before the 4x4/s4 stem and (0, 1) before each 2x2/s2 downsample,
-so a side of H gives ceil(H/4), ceil(H/8), ... (1281 -> 321 -> 161 -> 81 -> 41). Stage outputs are not
-normalised/activated. Drop path grows linearly over depth to ``drop_path_rate``; layer scale init 1e-6.
+so a side of H gives ceil(H/4), ceil(H/8), ... (1281 -> 321 -> 161 -> 81 -> 41). The padding comes before
+the downsample's LayerNorm, as in deeplab2 and bytedance/kmax-deeplab ``backbone/convnext.py``
+``forward_features`` @ f8e1d046, so the padded column enters the strided conv as the LN bias, not as 0.
+Stage outputs are not normalised/activated; the stem output (after its LN) is also returned as ``"stem"``
+(stride 4). Drop path grows linearly over depth to ``drop_path_rate``; layer scale init 1e-6.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    """``x [B,3,H,W]`` -> ``{"res2".."res5"}`` at strides 4..32 with widths ``dims``."""
+    """``x [B,3,H,W]`` -> ``{"stem", "res2".."res5"}`` at strides 4, 4, 8, 16, 32 with widths ``dims[0]``,
+    ``dims``."""
 
     classifier_prefixes = ("head.", "norm.")
 
@@ -72,7 +76,7 @@ class ConvNeXt(nn.Module):
         for depth, dim in zip(depths, dims):
             self.stages.append(nn.Sequential(*[ConvNeXtBlock(dim, rates[start + j]) for j in range(depth)]))
             start += depth
-        self.channels = {f"res{i + 2}": d for i, d in enumerate(dims)}
+        self.channels = {"stem": dims[0]} | {f"res{i + 2}": d for i, d in enumerate(dims)}
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -81,10 +85,10 @@ class ConvNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            # Zero pad, then the stem's (conv, LN) or a downsample's (LN, conv).
+            x = down(F.pad(x, STEM_PAD if i == 0 else DOWNSAMPLE_PAD))
             if i == 0:
-                x = down(F.pad(x, STEM_PAD))
-            else:
-                x = down[1](F.pad(down[0](x), DOWNSAMPLE_PAD))  # LN, zero pad, strided conv
+                out["stem"] = x
             x = stage(x)
             out[f"res{i + 2}"] = x
         return out

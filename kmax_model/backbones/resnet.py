@@ -4,7 +4,9 @@ without the classifier (``fc.*``), so a local torchvision checkpoint loads with 
 Architecture: torchvision ResNet-50 v1.5 (stride on the 3x3 conv, as detectron2 ``STRIDE_IN_1X1: False``
 in bytedance/kmax-deeplab), 23,508,032 parameters. BatchNorm eps/momentum come from the model config
 (deeplab2: 1e-3 / 0.01). Outputs the four stage outputs (after the block's ReLU, torchvision style) at
-strides 4, 8, 16, 32 with "SAME" sizes (a 65-px side gives 17, 9, 5, 3).
+strides 4, 8, 16, 32 with "SAME" sizes (a 65-px side gives 17, 9, 5, 3), and the stem output after the
+max-pool as ``"stem"`` (64 channels, stride 4: detectron2's "stem" feature, which bytedance's Cityscapes
+pixel decoder reads).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """``x [B,3,H,W]`` -> ``{"res2": [B,256,H/4], "res3": [B,512,H/8], "res4": [B,1024,H/16],
-    "res5": [B,2048,H/32]}`` (sizes rounded up)."""
+    """``x [B,3,H,W]`` -> ``{"stem": [B,64,H/4], "res2": [B,256,H/4], "res3": [B,512,H/8],
+    "res4": [B,1024,H/16], "res5": [B,2048,H/32]}`` (sizes rounded up)."""
 
     classifier_prefixes = ("fc.",)
 
@@ -58,7 +60,7 @@ class ResNet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_ch = STEM_WIDTH
-        self.channels: dict[str, int] = {}
+        self.channels: dict[str, int] = {"stem": STEM_WIDTH}
         for i, (blocks, width) in enumerate(zip(RESNET50_LAYERS, RESNET50_WIDTHS)):
             layers = []
             for j in range(blocks):
@@ -72,7 +74,7 @@ class ResNet50(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out = {}
+        out = {"stem": x}
         for i in range(len(RESNET50_LAYERS)):
             x = getattr(self, f"layer{i + 1}")(x)
             out[f"res{i + 2}"] = x

@@ -26,7 +26,8 @@ class BasicBlock(nn.Module):
 
 
 class TinyBackbone(nn.Module):
-    """``x [B,3,H,W]`` -> ``{"res2".."res5"}`` with ``widths`` channels at strides 4, 8, 16, 32."""
+    """``x [B,3,H,W]`` -> ``{"stem", "res2".."res5"}`` with ``widths[0]``, ``widths`` channels at strides
+    4, 4, 8, 16, 32."""
 
     classifier_prefixes: tuple[str, ...] = ()
 
@@ -43,11 +44,11 @@ class TinyBackbone(nn.Module):
             layers += [BasicBlock(w, norm) for _ in range(n)]
             self.stages.append(nn.Sequential(*layers))
             in_ch = w
-        self.channels = {f"res{i + 2}": w for i, w in enumerate(widths)}
+        self.channels = {"stem": widths[0]} | {f"res{i + 2}": w for i, w in enumerate(widths)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
-        out = {}
+        out = {"stem": x}
         for i, stage in enumerate(self.stages):
             x = stage(x)
             out[f"res{i + 2}"] = x
