@@ -117,6 +117,9 @@ def test_prepared_split_on_ray_reproduces_the_oracle(
     files = evaluate_files(*case, chunks=2)
     assert r["pq"]["All"] == expected["All"] and r["pq"]["Things"] == expected["Things"]
     assert r["pq"] == files["pq"] and r["miou"] == files["miou"] and r["ap"] == files["ap"]
+    if not ray_session.cluster_resources().get("GPU"):  # --gpu on a cluster without one: refused, no wait
+        with pytest.raises(ValueError, match="--gpu: this Ray cluster has no GPU"):
+            evaluate_prepared(data, "val", PngPredictor(case[2], case[3]), gpus_per_task=1.0)
 
 
 def test_reduction_is_independent_of_arrival_order(pq_oracle_dir: Path) -> None:

@@ -66,8 +66,13 @@ def _files_task(spec: EvalSpec, pairs: list) -> list[ImageEvalStats]:
     return out
 
 
-def _prepared_task(spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable, batch: int):
+def _prepared_task(
+    spec: EvalSpec, path: str, row_group: int, offset: int, predict: Callable, batch: int, device: str | None
+):
     from pipeline.data.records import decode_record, open_shard
+
+    if device is not None:
+        predict = predict.to(device)  # a pipeline.eval.predictor.Predictor, built on the driver's CPU
 
     rows = open_shard(path).read_row_group(row_group).to_pylist()
     records = ((offset + i, decode_record(r)) for i, r in enumerate(rows))
@@ -145,22 +150,27 @@ def evaluate_prepared(
     ap: bool = True,
     ray_config=None,
     progress: bool = False,
+    gpus_per_task: float = 0.0,
 ) -> dict[str, Any]:
     """A prepared split scored against ``predict`` (picklable; called in one Ray task per Parquet row group
-    with ``batch_size`` decoded records at a time, see pipeline.data.records.decode_record)."""
+    with ``batch_size`` decoded records at a time, see pipeline.data.records.decode_record). With
+    ``gpus_per_task`` > 0, ``predict`` must be a `Predictor`: each task moves it to its GPU."""
     from pipeline.data.records import open_shard, read_manifest, shard_paths
     from pipeline.ray_setup import init_ray
 
     manifest = read_manifest(data_dir, split)
     spec = EvalSpec(manifest["categories"], chunks=chunks, miou=miou, ap=ap)
     ray = init_ray(ray_config)
-    task = ray.remote(_prepared_task)
+    if gpus_per_task and not ray.cluster_resources().get("GPU"):
+        raise ValueError("--gpu: this Ray cluster has no GPU")
+    task = ray.remote(num_gpus=gpus_per_task)(_prepared_task)
+    device = "cuda" if gpus_per_task else None
     spec_ref, predict_ref = ray.put(spec), ray.put(predict)
     refs, offset = [], 0
     for path in shard_paths(data_dir, split):
         meta = open_shard(path).metadata
         for g in range(meta.num_row_groups):
-            refs.append(task.remote(spec_ref, str(path), g, offset, predict_ref, batch_size))
+            refs.append(task.remote(spec_ref, str(path), g, offset, predict_ref, batch_size, device))
             offset += meta.row_group(g).num_rows
     return reduce_eval_stats(spec, _gather(ray, refs, offset, progress))
 
@@ -181,6 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--data", type=absolute, help="prepared dataset directory (kmax prepare --out)")
     ckpt.add_argument("--split", default="val", help="prepared split (default: val)")
     ckpt.add_argument("--batch-size", type=int, help="records per forward pass (default: the checkpoint's)")
+    ckpt.add_argument("--gpu", action="store_true", help="run the model on GPUs (one per Ray task)")
     parser.add_argument(
         "--chunks", type=int, default=None,
         help="official PQ process count to reproduce bit for bit (default: os.cpu_count())",
@@ -241,7 +252,8 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     predict, cfg = predictor_from_checkpoint(args.checkpoint, args.data, args.split)
     batch = args.batch_size or cfg.data.eval_batch_size
-    return evaluate_prepared(args.data, args.split, predict, batch_size=batch, **kw)
+    gpus = 1.0 if args.gpu else 0.0
+    return evaluate_prepared(args.data, args.split, predict, batch_size=batch, gpus_per_task=gpus, **kw)
 
 
 def run(args: argparse.Namespace) -> int:

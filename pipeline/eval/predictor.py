@@ -114,6 +114,12 @@ class Predictor:
         self.eval_long_side = eval_long_side
         self.device = torch.device(device or "cpu")
 
+    def to(self, device: str | torch.device) -> Predictor:
+        """This predictor with its model on ``device`` (a Ray task moves a CPU-built predictor to its GPU)."""
+        self.device = torch.device(device)
+        self.model = self.model.to(self.device)
+        return self
+
     @torch.no_grad()
     def __call__(
         self, records: Sequence[dict], return_assignments: bool = False, instances: bool = True
