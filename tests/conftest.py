@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KMAX_SHARED_DIR", REPO.parent / "shared"))
@@ -83,3 +84,14 @@ def artifacts_dir() -> Path:
     """Where tests keep files worth looking at after the run (screenshots, reports)."""
     TEST_ARTIFACTS.mkdir(exist_ok=True)
     return TEST_ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_torch_thread")``):
+    on the shared 2-core CI machine, OpenMP worker threads spin-wait against the other test processes and a
+    step becomes 10-100x slower; small ops gain nothing from threads. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

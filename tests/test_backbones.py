@@ -17,14 +17,7 @@ NORM = make_norm_factory("bn")
 CONVNEXT_FILES = {s: f"convnext_{s}_official.json" for s in ("tiny", "small", "base", "large")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP worker threads spin-wait against the
-    other test processes and a step becomes 10-100x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _shapes(path) -> dict[str, list[int]]:

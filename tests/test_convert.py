@@ -38,14 +38,7 @@ SEM = TD + "_auxiliary_semantic_predictor."
 CLASS_BIAS = TD + "_predcitor._transformer_class_head.conv.bias"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP worker threads spin-wait against the
-    other test processes. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def official_fixture(name: str) -> dict:

@@ -36,13 +36,7 @@ TORCH_TOLERANCE = 1e-6
 """TorchScript and the ExportedProgram run torch's own kernels: measured 0.0."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """One intra-op thread on the shared 2-core machine (see tests/test_model_shapes.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -19,6 +19,8 @@ from pipeline import checkpoint as ckpt
 from pipeline.train.step import Trainee, train_step
 from tests.test_overfit import _samples, _target
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 AMP_CASES = [
     pytest.param(torch.bfloat16, False, id="bf16"),
     pytest.param(torch.float16, True, id="fp16+scaler"),

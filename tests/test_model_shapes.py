@@ -18,14 +18,7 @@ SIZES = ((65, 65), (97, 129))
 KEYS = ("class_logits", "mask_logits", "pixel_feature")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP worker threads spin-wait against the
-    other test processes and a step becomes 10-100x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _tiny(**overrides):

@@ -106,16 +106,6 @@ def _pq(gt_labels: list[np.ndarray], predictions: list[tuple[torch.Tensor, list[
     return reduce_pq_stats(stats, categories, chunks=1)
 
 
-@pytest.fixture
-def single_thread():
-    """One intra-op thread: small ops on a busy 2-core machine run several times faster without OpenMP
-    contention, and the run time becomes CPU time (measured ~45 s of one core for 300 steps)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _samples() -> tuple[list[tuple[np.ndarray, np.ndarray]], torch.Tensor]:
     rng = np.random.default_rng(SEED)
     samples = [_synthetic_image(rng) for _ in range(NUM_IMAGES)]
@@ -166,7 +156,7 @@ def _full_resolution_pq(model, cfg, images: torch.Tensor, labels: list[np.ndarra
 
 
 @pytest.mark.slow
-def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
+def test_tiny_preset_overfits_four_images_to_pq_95(single_torch_thread) -> None:
     samples, images = _samples()
     gt_grid = [s[1][::STRIDE, ::STRIDE].copy() for s in samples]
     targets = [_target(s[1]) for s in samples]
@@ -191,7 +181,7 @@ def test_tiny_preset_overfits_four_images_to_pq_95(single_thread) -> None:
 
 
 @pytest.mark.slow
-def test_input_resolution_mask_loss_overfits_the_full_resolution_labels(single_thread) -> None:
+def test_input_resolution_mask_loss_overfits_the_full_resolution_labels(single_torch_thread) -> None:
     """The same images and schedule with loss.mask_loss_at=input (every input pixel): PQ against the
     full-resolution labels rises from the grid loss's 0.864 to 0.953 (measured)."""
     samples, images = _samples()
