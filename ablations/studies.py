@@ -1,4 +1,4 @@
-"""The named ablation studies of the kMaX / CMT clustering design.
+"""The named ablation studies of the decoder's centre update (k-means clustering and its controls).
 
 Each function returns a `pipeline.sweep.study.Study`: a grid over dotted config paths, replicated over
 seeds. Add a study by writing one more function here (or in your own module and passing
@@ -7,7 +7,7 @@ seeds. Add a study by writing one more function here (or in your own module and 
 
 from __future__ import annotations
 
-from kmax_model.config import ASSIGNMENT_MODES
+from kmax_model.config import CONTROLLED_ASSIGNMENT_MODES
 from pipeline.sweep.study import Study
 
 ASSIGNMENT = "model.decoder.assignment"
@@ -18,12 +18,15 @@ DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
 
 
 def assignment(seeds: int = 1) -> Study:
-    """Spatial-softmax cross-attention (MaX / Mask2Former) vs CMT cluster-wise softmax vs kMaX argmax."""
-    return Study("assignment", {ASSIGNMENT: list(ASSIGNMENT_MODES)}, seeds=seeds)
+    """The controlled axis: one affinity (centres x pixels), three normalisations of it: kMaX's argmax
+    over clusters, a softmax over clusters (with its pixel update), a softmax over pixels. Not whole designs:
+    neither softmax mode is CMT-DeepLab or the standard cross-attention (``cross_attention``)."""
+    return Study("assignment", {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES)}, seeds=seeds)
 
 
 def coord_conv(seeds: int = 1) -> Study:
-    """CMT-DeepLab's location-sensitive clustering (coordinate convolution) off vs on."""
+    """Coordinate convolution (our formulation of the location-sensitive clustering idea of CMT-DeepLab)
+    off vs on."""
     return Study("coord_conv", {COORD_CONV: [False, True]}, seeds=seeds)
 
 
@@ -34,6 +37,5 @@ def decoder_depth(seeds: int = 1) -> Study:
 
 def full(seeds: int = 1) -> Study:
     """The full factorial of the three ablations (3 x 2 x 3 = 18 variants)."""
-    return Study(
-        "full", {ASSIGNMENT: list(ASSIGNMENT_MODES), COORD_CONV: [False, True], DEPTH: DEPTHS}, seeds=seeds
-    )
+    space = {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES), COORD_CONV: [False, True], DEPTH: DEPTHS}
+    return Study("full", space, seeds=seeds)

@@ -1,4 +1,4 @@
-"""kMaX-DeepLab / CMT-DeepLab mask transformers in plain PyTorch (no Ray, no MLflow).
+"""The kMaX-DeepLab mask transformer and its decoder ablations in plain PyTorch (no Ray, no MLflow).
 
 Three lines from a notebook::
 

@@ -1,28 +1,36 @@
-"""Pixel-to-cluster assignment and cluster-centre update: the "mask transformer as clustering" step.
+"""Pixel-to-cluster assignment and centre update: the controlled one-axis modes of ``decoder.assignment``.
 
-All three modes use the same affinity logits ``L [B, N, HW]``: the mask logits of the layer's own
-prediction head (kMaX's choice, deeplab2 ``dual_path_transformer.py`` L405-432 @ 64bc1c1a), so an
-ablation changes only the normalisation axis and the gradient path, nothing else:
+The three modes of `CONTROLLED_ASSIGNMENT_MODES` use the same affinity logits ``L [B, N, HW]``: the mask
+logits of the layer's own prediction head (kMaX's choice, deeplab2 ``dual_path_transformer.py`` L405-432 @
+64bc1c1a), the same values ``V`` and the same update, so an ablation changes only the normalisation axis of
+the assignment ``A`` and its gradient path (and ``cluster_softmax`` adds the pixel update below):
 
-- ``argmax`` (kMaX-DeepLab, k-means cross-attention): ``A = onehot(argmax_N L)`` under no_grad (a
-  stop-gradient, no straight-through); every pixel belongs to exactly one cluster.
-- ``cluster_softmax`` (CMT-DeepLab's clustering update): ``A = softmax_N(L)`` (the mask probabilities),
-  differentiable; the layer additionally applies CMT's pixel update (below).
-- ``spatial_softmax`` (MaX-DeepLab / Mask2Former cross-attention): ``A = softmax_HW(L)``, each centre
-  distributes a unit mass over the pixels.
+- ``argmax`` (hard cluster-wise assignment, the k-means step of kMaX-DeepLab):
+  ``A = onehot(argmax_N L)`` under no_grad (a stop-gradient, no straight-through); every pixel belongs to
+  exactly one cluster.
+- ``cluster_softmax`` (soft cluster-wise assignment): ``A = softmax_N(L)`` (the mask probabilities),
+  differentiable; the layer additionally applies the pixel update below. Inspired by CMT-DeepLab (arXiv
+  2206.08948), which describes a clustering centre update and a pixel-feature update but has no public
+  code (its equations and softmax axis were not recoverable: docs/reference_cmt.md) and keeps its
+  cross-attention beside the clustering update; this mode is our controlled variant, not CMT-DeepLab.
+- ``spatial_softmax`` (soft spatial assignment): ``A = softmax_HW(L)``, each centre distributes a unit
+  mass over the pixels: the normalisation axis of standard cross-attention, applied to the same mask
+  logits (no separate query/key projections, no ``1/sqrt(d)`` scaling). The standard multi-head
+  cross-attention itself is the separate ``cross_attention`` mode (kmax_model.cross_attention).
 
-Update (all modes): ``U = A V^T`` i.e. ``U[b, n] = sum_p A[b, n, p] V[b, :, p]`` -- a *sum*, not a mean;
-the transformer layer normalises it with BN(U) then conv1d + BN(gamma 0) and adds it residually to the
-centres. Assignment and update run in fp32 with autocast disabled (bytedance/kmax-deeplab does the same).
+Update (all three modes): ``U = A V^T`` i.e. ``U[b, n] = sum_p A[b, n, p] V[b, :, p]`` -- a *sum*, not a
+mean; the transformer layer normalises it with BN(U) then conv1d + BN(gamma 0) and adds it residually to
+the centres. Assignment and update run in fp32 with autocast disabled (bytedance/kmax-deeplab does the
+same).
 
-CMT-DeepLab pixel update (``cluster_softmax`` only; CMT has no public code, arXiv 2206.08948 §3, so this is
-our formulation): after the centre update, every pixel pulls back its soft centres,
+Pixel update (``cluster_softmax`` only; our formulation, inspired by CMT-DeepLab's pixel-feature update,
+arXiv 2206.08948): after the centre update, every pixel pulls back its soft centres,
 ``F <- F + drop_path(BN_gamma0(conv1x1(sum_n A[n, p] C'_n)))`` where ``C'`` are the layer's output centres;
 the updated pixel features feed the next layer of the same stride (a new stride restarts from the pixel
 decoder's map, as kMaX's pixel features are otherwise read-only).
 
-Location-sensitive clustering (``coord_conv``; CMT-DeepLab's "coordinate convolution" + "dynamic
-reference masks"; our exact formulation):
+Location-sensitive clustering (``coord_conv``, any mode; our formulation, inspired by CMT-DeepLab's
+"coordinate convolution" and "dynamic reference masks"):
 
 1. Pixel coordinates ``c(p) = (x, y)`` with ``x = (2 j + 1) / w - 1`` and ``y = (2 i + 1) / h - 1`` (pixel
    centres, in (-1, 1), `coordinate_grid`), concatenated as two extra input channels to every layer's pixel
@@ -33,14 +41,14 @@ reference masks"; our exact formulation):
    (`reference_positions`).
 3. The reference position is embedded by ``conv1d(2 -> d) + BN + gelu -> conv1d(d -> d) + BN(gamma 0)`` and
    added residually (with drop path) to the updated centres, so the next layer's assignment sees both where
-   pixels are and where each cluster currently is. The mask-approximation loss of CMT is not used.
+   pixels are and where each cluster currently is. CMT-DeepLab's mask-approximation loss is not used.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kmax_model.config import ASSIGNMENT_MODES
+from kmax_model.config import CONTROLLED_ASSIGNMENT_MODES
 
 REFERENCE_EPS = 1e-6
 
@@ -49,10 +57,13 @@ def assign_pixels(logits: torch.Tensor, mode: str) -> torch.Tensor:
     """Assignment ``A [B, N, L]`` (float32) from affinity logits ``[B, N, L]`` (N clusters, L pixels).
 
     ``argmax``: one-hot over N, no gradient (``requires_grad`` is False); ``cluster_softmax``: softmax
-    over N; ``spatial_softmax``: softmax over L. Raises ValueError naming ``decoder.assignment`` otherwise.
+    over N; ``spatial_softmax``: softmax over L. Raises ValueError naming ``decoder.assignment`` for any other
+    mode (``cross_attention`` has no pixel-to-cluster assignment: kmax_model.cross_attention).
     """
-    if mode not in ASSIGNMENT_MODES:
-        raise ValueError(f"decoder.assignment must be one of {ASSIGNMENT_MODES}, got {mode!r}")
+    if mode not in CONTROLLED_ASSIGNMENT_MODES:
+        raise ValueError(
+            f"decoder.assignment must be one of {CONTROLLED_ASSIGNMENT_MODES} here, got {mode!r}"
+        )
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = logits.float()
         if mode == "argmax":

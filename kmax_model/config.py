@@ -1,4 +1,4 @@
-"""Typed model configuration of kMaX-DeepLab / CMT-DeepLab and the named presets.
+"""Typed model configuration of the kMaX-DeepLab mask transformer, its decoder ablations and the presets.
 
 Every architectural number is a field here (no hidden literals in the modules). Each dataclass
 validates itself in ``__post_init__`` and its errors name the field with its path inside
@@ -21,9 +21,16 @@ BackboneName = Literal[
     "resnet50", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "tiny"
 ]
 BlockType = Literal["axial", "bottleneck"]
-Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax"]
+Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax", "cross_attention"]
 ASSIGNMENT_MODES: tuple[str, ...] = get_args(Assignment)
-"""The pixel-to-cluster assignments (kmax_model.clustering), listed once."""
+"""Every value of ``decoder.assignment`` (how a decoder layer updates the cluster centres), listed once."""
+CONTROLLED_ASSIGNMENT_MODES: tuple[str, ...] = ("argmax", "cluster_softmax", "spatial_softmax")
+"""The controlled one-axis modes (kmax_model.clustering): the same affinity logits (the layer's own mask
+logits), the same value projection and the same update ``U = A V^T``; only the normalisation of the
+assignment ``A`` differs (and ``cluster_softmax`` also feeds its soft assignment back to the pixel
+features, the pixel update described in kmax_model.clustering). ``cross_attention``
+(kmax_model.cross_attention), the standard multi-head cross-attention baseline with its own
+query/key/value projections, changes more than that one axis and is not in this set."""
 NormName = Literal["bn", "gn"]
 MIN_PIXEL_DECODER_STAGES = 4
 """Pixel-decoder stages at least: strides 32, 16, 8 feed the transformer decoder, the last the final head."""
@@ -142,10 +149,15 @@ class PixelDecoderConfig:
 class TransformerDecoderConfig:
     """kMaX transformer decoder (deeplab2 ``transformer_decoder/kmax.py``, ``dual_path_transformer.py``).
 
-    ``blocks_per_stride`` layers run at strides 32, 16, 8 (decoder depth). ``assignment`` selects the
-    pixel-to-cluster step (see `kmax_model.clustering`); ``coord_conv`` adds CMT-DeepLab's location-sensitive
-    clustering. Centre self-attention: ``num_heads`` heads, total key depth ``key_dim``, value depth
-    ``hidden_dim``.
+    ``blocks_per_stride`` layers run at strides 32, 16, 8 (decoder depth). ``assignment`` selects how a layer
+    updates the centres from the pixels: one of `CONTROLLED_ASSIGNMENT_MODES` (a pixel-to-cluster assignment
+    of the layer's mask logits, `kmax_model.clustering`) or ``cross_attention`` (multi-head cross-attention
+    with its own projections, `kmax_model.cross_attention`). ``masked_attention`` (``cross_attention``
+    only): each centre attends only to the pixels where the mask probability predicted from the layer's
+    input centres is >= ``masked_attention_threshold`` (after Mask2Former's masked attention). ``coord_conv``
+    adds a location-sensitive clustering inspired by CMT-DeepLab (our formulation, see
+    `kmax_model.clustering`). Centre self-attention, and the cross-attention of ``cross_attention``:
+    ``num_heads`` heads, total key depth ``key_dim``, value depth ``hidden_dim``.
     ``drop_path_rate`` applies (independent masks) to the update, attention and FFN residuals.
     """
 
@@ -157,6 +169,8 @@ class TransformerDecoderConfig:
     blocks_per_stride: tuple[int, int, int] = (2, 2, 2)
     drop_path_rate: float = 0.2
     assignment: Assignment = "argmax"
+    masked_attention: bool = False
+    masked_attention_threshold: float = 0.5
     coord_conv: bool = False
     center_init_std: float = 1.0
 
@@ -178,6 +192,16 @@ class TransformerDecoderConfig:
         _unit("decoder.drop_path_rate", self.drop_path_rate)
         if self.assignment not in ASSIGNMENT_MODES:
             raise ValueError(f"decoder.assignment must be one of {ASSIGNMENT_MODES}, got {self.assignment!r}")
+        if self.masked_attention and self.assignment != "cross_attention":
+            raise ValueError(
+                "decoder.masked_attention needs decoder.assignment=cross_attention, "
+                f"got assignment={self.assignment!r}"
+            )
+        if not 0.0 < self.masked_attention_threshold < 1.0:
+            raise ValueError(
+                "decoder.masked_attention_threshold must be in (0, 1), "
+                f"got {self.masked_attention_threshold!r}"
+            )
         _positive("decoder.center_init_std", self.center_init_std)
 
 

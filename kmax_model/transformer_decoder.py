@@ -11,6 +11,11 @@ One layer, with pixel map ``F [B, Cp, H, W]`` and centres ``C [B, d, N]`` (docs/
     q, k, v = BN(conv1d(Cb)); O = gelu(BN(softmax_keys(BN_heads(q k^T)) v))   # centre self-attention on Cb
     C2 = gelu(C1 + drop_path(BN_g0(conv1d(O))))
     C3 = gelu(C2 + drop_path(BN_g0(conv1d(gelu(BN(conv1d(C2, ffn)))))))
+
+``assignment == "cross_attention"`` replaces the k-means update (``V``, ``A``, ``U`` and the update's output
+path) by ``C1 = C + drop_path(CrossAttentionUpdate(Cb, P, aux.mask_logits))`` (kmax_model.cross_attention:
+multi-head cross-attention of the centres over the pixels with its own Q/K/V projections, optionally masked
+by the predictor's masks); everything else in the layer is shared by all modes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from kmax_model.clustering import (
     reference_positions,
 )
 from kmax_model.config import HeadConfig, TransformerDecoderConfig
+from kmax_model.cross_attention import CrossAttentionUpdate
 from kmax_model.layers import ConvNormAct, DropPath, NormFactory
 from kmax_model.predictor import KMaXPredictor
 
@@ -33,8 +39,8 @@ COORD_CHANNELS = 2
 
 
 class KMaXLayer(nn.Module):
-    """One clustering layer. ``forward(F, C)`` -> ``(C', aux prediction dict, F')`` (``F' is F`` unless
-    the CMT pixel update is on: ``assignment == "cluster_softmax"`` and ``updates_pixels``).
+    """One decoder layer. ``forward(F, C)`` -> ``(C', aux prediction dict, F')`` (``F' is F`` unless the
+    pixel update of kmax_model.clustering is on: ``assignment == "cluster_softmax"`` and ``updates_pixels``).
 
     ``updates_pixels``: whether a later layer reads this layer's F'. The last layer of each stride hands its
     centres, not its pixels, to the next stride (which starts from the next pixel-decoder map), so it has
@@ -56,10 +62,20 @@ class KMaXLayer(nn.Module):
         extra = COORD_CHANNELS if cfg.coord_conv else 0
         self.pixel_conv = ConvNormAct(pixel_ch + extra, d, norm, 1)
         self.center_conv = ConvNormAct(d, d, norm, 1, dims=1)
-        self.pixel_value = ConvNormAct(d, d, norm, 1, act=None, init_std=d**-0.5)
+        # Exactly one centre update: the k-means one (value projection + output path) or cross-attention
+        # (its own projections and output path); a module the mode does not use is not built (DDP).
+        kmeans = cfg.assignment != "cross_attention"
+        self.pixel_value = ConvNormAct(d, d, norm, 1, act=None, init_std=d**-0.5) if kmeans else None
         self.predictor = KMaXPredictor(d, d, num_classes, head_cfg, norm)
-        self.update_norm = norm(d, 1)
-        self.update_proj = ConvNormAct(d, d, norm, 1, dims=1, act=None, gamma_init=0.0)
+        self.update_norm = norm(d, 1) if kmeans else None
+        self.update_proj = ConvNormAct(d, d, norm, 1, dims=1, act=None, gamma_init=0.0) if kmeans else None
+        self.cross_attention = (
+            None
+            if kmeans
+            else CrossAttentionUpdate(
+                d, cfg.key_dim, cfg.num_heads, norm, cfg.masked_attention, cfg.masked_attention_threshold
+            )
+        )
         self.qkv = ConvNormAct(d, 2 * cfg.key_dim + d, norm, 1, dims=1, act=None, init_std=d**-0.5)
         self.similarity_norm = norm(cfg.num_heads, 2)
         self.attn_value_norm = norm(d, 1)
@@ -108,12 +124,17 @@ class KMaXLayer(nn.Module):
             x = torch.cat([x, coords.to(x.dtype).expand(b, -1, -1, -1)], dim=1)
         p = self.pixel_conv(x)  # B x d x H x W
         cb = self.center_conv(centers)  # B x d x N
-        values = self.pixel_value(p).flatten(2)  # B x d x HW
-        aux = self.predictor(p, cb, cb)
-        assignment = assign_pixels(aux["mask_logits"].flatten(2), self.cfg.assignment)  # B x N x HW
-        # Contiguous B x d x N, the layout of bytedance's einsum: the convs below round as theirs do.
-        update = cluster_update(assignment, values).transpose(1, 2).contiguous().to(centers.dtype)
-        c1 = centers + self.drop_update(self.update_proj(self.update_norm(update)))
+        assignment = None
+        if self.cross_attention is not None:
+            aux = self.predictor(p, cb, cb)
+            c1 = centers + self.drop_update(self.cross_attention(cb, p, aux["mask_logits"]))
+        else:
+            values = self.pixel_value(p).flatten(2)  # B x d x HW
+            aux = self.predictor(p, cb, cb)
+            assignment = assign_pixels(aux["mask_logits"].flatten(2), self.cfg.assignment)  # B x N x HW
+            # Contiguous B x d x N, the layout of bytedance's einsum: the convs below round as theirs do.
+            update = cluster_update(assignment, values).transpose(1, 2).contiguous().to(centers.dtype)
+            c1 = centers + self.drop_update(self.update_proj(self.update_norm(update)))
         if self.pos_embed is not None:
             ref = (
                 reference_positions(aux["mask_logits"], coords).transpose(1, 2).to(centers.dtype)

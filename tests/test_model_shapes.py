@@ -35,7 +35,7 @@ def _loss(out: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("depth", [(1, 1, 1), (2, 2, 2), (3, 3, 3)])
 @pytest.mark.parametrize("coord_conv", [False, True])
-@pytest.mark.parametrize("assignment", ["argmax", "cluster_softmax", "spatial_softmax"])
+@pytest.mark.parametrize("assignment", ["argmax", "cluster_softmax", "spatial_softmax", "cross_attention"])
 def test_forward_backward_matrix(assignment, coord_conv, depth):
     torch.manual_seed(0)
     cfg = _tiny(assignment=assignment, coord_conv=coord_conv, blocks_per_stride=depth)
@@ -122,7 +122,7 @@ def test_convnext_base_coco_shapes_like_deeplab2_test():
     assert len(out["aux_outputs"]) == 6 and all(torch.isfinite(out[k]).all() for k in KEYS)
 
 
-@pytest.mark.parametrize("assignment", ["argmax", "cluster_softmax"])
+@pytest.mark.parametrize("assignment", ["argmax", "cluster_softmax", "cross_attention"])
 def test_runs_under_bf16_autocast_with_fp32_clustering(assignment):
     model = build_model(_tiny(assignment=assignment, coord_conv=True))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -96,12 +96,12 @@ def test_multinode_matches_single_node(killed_run, data_dir, tmp_path):
         assert multi == pytest.approx(one, rel=LOSS_RTOL)
 
 
-def test_ddp_with_the_cmt_pixel_update_and_a_disabled_loss(data_dir, tmp_path):
+def test_ddp_with_the_cluster_softmax_pixel_update_and_a_disabled_loss(data_dir, tmp_path):
     """2 DDP workers: cluster_softmax (its per-layer pixel update) and a loss weighted 0 (its head gets no
     gradient, so DDP must look for unused parameters) both train; either used to stop DDP at step 2."""
     cfg = tiny_config(
         data_dir,
-        tmp_path / "cmt",
+        tmp_path / "cluster_softmax",
         "model.decoder.assignment=cluster_softmax",
         "model.loss.semantic_weight=0",
         "train.steps=2",

@@ -14,11 +14,12 @@ How each format is made, and why:
 
 - ``onnx``: ``torch.onnx.export(dynamo=False)``, the TorchScript-based exporter (opset `ONNX_OPSET`). The
   argmax one-hot of ``decoder.assignment=argmax`` becomes ArgMax + ScatterElements and every mode matches
-  eager to ~1e-7. The dynamo exporter (``dynamo=True``, needs onnxscript) gives the same numbers but took
-  40-70 s per export on 2 cores against ~2 s (it runs torch.export's symbolic shape analysis, then its
-  decompositions, then the translation), and its graph inherits torch.export's H, W >= 33 assumption (see
-  below), which ONNX cannot check at run time. The TorchScript-based exporter is deprecated since torch 2.9
-  and still works in 2.13; when a torch release drops it, ``dynamo=True`` is the replacement.
+  eager to ~1e-6 (measured up to 9e-7, cross_attention's mask logits). The dynamo exporter (``dynamo=True``,
+  needs onnxscript) gives the same numbers but took 40-70 s per export on 2 cores against ~2 s (it runs
+  torch.export's symbolic shape analysis, then its decompositions, then the translation), and its graph
+  inherits torch.export's H, W >= 33 assumption (see below), which ONNX cannot check at run time. The
+  TorchScript-based exporter is deprecated since torch 2.9 and still works in 2.13; when a torch release
+  drops it, ``dynamo=True`` is the replacement.
 - ``torchscript``: ``torch.jit.trace`` (scripting cannot read the model's Python). Shapes are traced as
   size ops, so the trace runs at any size.
 - ``exported-program``: ``torch.export.export`` with dynamic batch, height and width, then
