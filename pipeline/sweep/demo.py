@@ -17,9 +17,10 @@ from pipeline.storage import absolute
 
 STUDY = "assignment"
 DEMO_STEPS = 250
-"""Training steps per trial. `make demo` on a fresh clone here (2 cores, 2026-12-03): val PQ 71.6 (argmax),
-64.8 (spatial softmax), 59.5 (cluster softmax), the same to the last printed digit before and after the
-pipeline redesign; the demo 4.6 min, 5.5 min with creating the venv from pip's cache (bar: 15 min)."""
+"""Training steps per trial. `make demo` on a fresh clone here (2 cores, 2026-12-03, one seed per variant):
+val PQ 57.8 (argmax), 73.5 (cluster softmax), 70.6 (spatial softmax) in 5.1 min. One seed is not an answer:
+the same demo just before a change of rounding only (the k-means update's memory layout) gave 58.7 / 62.0 /
+70.0, and before the seeded data order 71.6 / 59.5 / 64.8 (bar: 15 min)."""
 
 DEMO_FIELDS = {
     "train.steps": DEMO_STEPS,
