@@ -159,9 +159,11 @@ def _parent_run(study: Study, location: str, target, base: ExperimentConfig):
     parent = tracking.RunLogger(target.tracking_uri, parent_id)
     if not parent.has_params():
         space = json.dumps(study.space, default=str)
+        reference = variant_name(study.reference_point(), study)  # the report's default comparison
         parent.log_params(
-            {"study": study.name, "seeds": study.seeds, "space": space, "fixed": str(study.fixed)}
-        )
+            {"study": study.name, "seeds": study.seeds, "space": space, "fixed": str(study.fixed),
+             "reference": reference}
+        )  # fmt: skip
         parent.log_dict(base.to_dict(), "base_config.json")
     return parent
 

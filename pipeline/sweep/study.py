@@ -30,12 +30,16 @@ class Study:
             ``{"model.decoder.assignment": ["spatial_softmax", "cluster_softmax", "argmax"]}``.
         seeds: replicates of every variant, with ``train.seed`` = 0..seeds-1.
         fixed: overrides applied to every trial (e.g. a shorter schedule for this study).
+        reference: the variant the report compares every other one with (pipeline.sweep.report), as
+            dotted path -> value; a path left out takes its first value, so the default (None) is the
+            first variant of the grid.
     """
 
     name: str
     space: dict[str, Sequence[Any]]
     seeds: int = 1
     fixed: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -51,6 +55,13 @@ class Study:
             raise ValueError(f"study {self.name}: seeds are set by `seeds`, not by space[{SEED_PATH!r}]")
         if self.seeds < 1:
             raise ValueError(f"study {self.name}: seeds must be >= 1, got {self.seeds}")
+        for path, value in (self.reference or {}).items():
+            if path not in self.space or _plain(value) not in [_plain(v) for v in self.space[path]]:
+                raise ValueError(f"study {self.name}: reference {path}={value!r} is not a point of the space")
+
+    def reference_point(self) -> dict[str, Any]:
+        """The reference variant: `reference`, with the first value of every path it leaves out."""
+        return {path: (self.reference or {}).get(path, values[0]) for path, values in self.space.items()}
 
     def variants(self) -> list[dict[str, Any]]:
         """Every point of the grid (without the seed), in a stable order."""
@@ -64,6 +75,11 @@ class Study:
             for variant in self.variants()
             for seed in range(self.seeds)
         ]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (a value read back from JSON is a list)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def variant_name(overrides: dict[str, Any], study: Study) -> str:
