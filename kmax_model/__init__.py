@@ -11,6 +11,7 @@ from kmax_model import postprocess
 from kmax_model.config import (
     PRESET_NAMES,
     BackboneConfig,
+    CMTConfig,
     HeadConfig,
     KMaXConfig,
     PixelDecoderConfig,
@@ -28,6 +29,7 @@ from kmax_model.pretrained import CheckpointMismatchError, LoadReport, load_pret
 __all__ = [
     "PRESET_NAMES",
     "BackboneConfig",
+    "CMTConfig",
     "CheckpointMismatchError",
     "ConversionError",
     "HeadConfig",

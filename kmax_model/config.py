@@ -21,7 +21,7 @@ BackboneName = Literal[
     "resnet50", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "tiny"
 ]
 BlockType = Literal["axial", "bottleneck"]
-Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax", "cross_attention"]
+Assignment = Literal["argmax", "cluster_softmax", "spatial_softmax", "cross_attention", "cmt"]
 ASSIGNMENT_MODES: tuple[str, ...] = get_args(Assignment)
 """Every value of ``decoder.assignment`` (how a decoder layer updates the cluster centres), listed once."""
 CONTROLLED_ASSIGNMENT_MODES: tuple[str, ...] = ("argmax", "cluster_softmax", "spatial_softmax")
@@ -30,7 +30,10 @@ logits), the same value projection and the same update ``U = A V^T``; only the n
 assignment ``A`` differs (and ``cluster_softmax`` also feeds its soft assignment back to the pixel
 features, the pixel update described in kmax_model.clustering). ``cross_attention``
 (kmax_model.cross_attention), the standard multi-head cross-attention baseline with its own
-query/key/value projections, changes more than that one axis and is not in this set."""
+query/key/value projections, changes more than that one axis and is not in this set; nor is ``cmt``
+(kmax_model.cmt: CMT-DeepLab as reconstructed, the cross-attention plus the clustering components)."""
+CentreUpdateNorm = Literal["sum", "mass"]
+CENTRE_UPDATE_NORMS: tuple[str, ...] = get_args(CentreUpdateNorm)
 NormName = Literal["bn", "gn"]
 MIN_PIXEL_DECODER_STAGES = 4
 """Pixel-decoder stages at least: strides 32, 16, 8 feed the transformer decoder, the last the final head."""
@@ -43,6 +46,7 @@ PRESET_NAMES = (
     "convnext_small_coco",
     "convnext_base_coco",
     "convnext_large_coco",
+    "cmt_resnet50_coco",
 )
 
 
@@ -146,6 +150,54 @@ class PixelDecoderConfig:
 
 
 @dataclass
+class CMTConfig:
+    """The components of ``decoder.assignment = "cmt"`` (CMT-DeepLab as reconstructed, kmax_model.cmt, whose
+    docstring has the equations). Ignored by every other mode. The original multi-head cross-attention
+    (kmax_model.cross_attention) is always on in this mode; each CMT component is one switch, so the
+    component-by-component ablation the paper's public text lacks can be run:
+
+    - ``centre_update``: the clustering centre update ``BN_g0(conv1d(BN(A V^T)))`` as a second residual
+      branch beside the cross-attention, ``A = softmax_N(logits / assignment_temperature)``;
+    - ``residual_assignment``: the assignment logits carried across layers, ``L_l <- L_l + resize(L_{l-1})``;
+    - ``pixel_update``: ``F <- F + BN_g0(A^T V_c)`` with the same ``A`` (not on a stride's last layer);
+    - ``reference_mask``: each centre predicts a reference mask on a coordinate embedding (CoordConv of
+      the grid), added to the assignment logits (location-sensitive clustering) and, with the pixel update,
+      coordinates concatenated to the pixel update (``pixel_update_coords``).
+
+    The mask-approximation loss on the reference masks is ``loss.mask_approx_weight`` (0 = off).
+    Open choices of the public descriptions, with our defaults (kmax_model.cmt says why):
+    ``assignment_temperature`` (1.0), ``detach_assignment`` (False: A is differentiable),
+    ``share_value`` (True: the clustering branch reads the cross-attention's pixel values),
+    ``centre_update_norm`` ("sum": kMaX's unnormalised sum; "mass": divided by the cluster mass),
+    ``reference_dim`` (32: channels of the coordinate embedding and reference kernels),
+    ``reference_logit_bn_init`` (0.1: gamma of the reference-logit BN, the predictor's mask-logit value),
+    ``pixel_update_coords`` (True).
+    """
+
+    centre_update: bool = True
+    residual_assignment: bool = True
+    pixel_update: bool = True
+    reference_mask: bool = True
+    assignment_temperature: float = 1.0
+    detach_assignment: bool = False
+    share_value: bool = True
+    centre_update_norm: CentreUpdateNorm = "sum"
+    reference_dim: int = 32
+    reference_logit_bn_init: float = 0.1
+    pixel_update_coords: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("cmt.assignment_temperature", self.assignment_temperature)
+        _positive("cmt.reference_dim", self.reference_dim)
+        _positive("cmt.reference_logit_bn_init", self.reference_logit_bn_init)
+        if self.centre_update_norm not in CENTRE_UPDATE_NORMS:
+            raise ValueError(
+                f"cmt.centre_update_norm must be one of {CENTRE_UPDATE_NORMS}, "
+                f"got {self.centre_update_norm!r}"
+            )
+
+
+@dataclass
 class TransformerDecoderConfig:
     """kMaX transformer decoder (deeplab2 ``transformer_decoder/kmax.py``, ``dual_path_transformer.py``).
 
@@ -159,6 +211,7 @@ class TransformerDecoderConfig:
     `kmax_model.clustering`). Centre self-attention, and the cross-attention of ``cross_attention``:
     ``num_heads`` heads, total key depth ``key_dim``, value depth ``hidden_dim``.
     ``drop_path_rate`` applies (independent masks) to the update, attention and FFN residuals.
+    ``cmt``: the components of ``assignment = "cmt"`` (`CMTConfig`; CMT-DeepLab as reconstructed).
     """
 
     num_clusters: int = 128
@@ -173,6 +226,7 @@ class TransformerDecoderConfig:
     masked_attention_threshold: float = 0.5
     coord_conv: bool = False
     center_init_std: float = 1.0
+    cmt: CMTConfig = field(default_factory=CMTConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_clusters", "hidden_dim", "key_dim", "num_heads", "ffn_dim"):
@@ -203,6 +257,8 @@ class TransformerDecoderConfig:
                 f"got {self.masked_attention_threshold!r}"
             )
         _positive("decoder.center_init_std", self.center_init_std)
+        if not isinstance(self.cmt, CMTConfig):
+            raise ValueError(f"decoder.cmt must be a CMTConfig, got {type(self.cmt).__name__}")
 
 
 @dataclass
@@ -367,6 +423,21 @@ def _cityscapes_pixel_decoder() -> PixelDecoderConfig:
     )
 
 
+def _cmt_resnet50_coco() -> KMaXConfig:
+    """CMT-DeepLab as reconstructed (kmax_model.cmt) on the ``resnet50_coco`` model, every component on.
+
+    The decoder widths are MaX-DeepLab-S's where CMT-DeepLab builds on it (deeplab2
+    ``model/encoder/axial_resnet_instances.py`` L38-105 @ 64bc1c1a, docs/reference_cmt.md §4.3): 128 mask
+    slots, 256-channel memory (centres), 8 heads; they equal kMaX's (key depth 128, FFN 2048). Departures,
+    all ours: a ResNet-50 backbone and kMaX's pixel decoder instead of MaX-S's axial ResNet (CMT-DeepLab's
+    COCO backbone is not recoverable), and kMaX's decoder schedule (2 layers at each of strides 32, 16,
+    8) instead of MaX-DeepLab's dual-path blocks beyond stride 16.
+    """
+    cfg = preset("resnet50_coco")
+    cfg.decoder = dataclasses.replace(cfg.decoder, assignment="cmt", cmt=CMTConfig())
+    return cfg
+
+
 def preset(name: str) -> KMaXConfig:
     """A fresh `KMaXConfig` for one of `PRESET_NAMES` (reference values of the released configs of deeplab2
     and bytedance/kmax-deeplab; the official checkpoints convert into these, kmax_model.convert)."""
@@ -388,6 +459,8 @@ def preset(name: str) -> KMaXConfig:
             loss=cityscapes_loss_config(),
             postprocess=PostProcessConfig.cityscapes(),
         )
+    if name == "cmt_resnet50_coco":
+        return _cmt_resnet50_coco()
     if name.startswith("convnext_") and name.endswith("_coco"):
         size = name[len("convnext_") : -len("_coco")]
         if size in _CONVNEXT_COCO_DROP_PATH:
