@@ -28,7 +28,8 @@ class KMaXDeepLab(nn.Module):
     - ``class_logits [B, N, K+1]`` (last channel void), ``mask_logits [B, N, h, w]``, ``pixel_feature
       [B, D, h, w]`` (L2-normalised) with ``h = ceil(H / 4)``, ``w = ceil(W / 4)``;
     - ``aux_outputs``: one dict with the same three keys per decoder layer, resized (bilinear,
-      align_corners) to ``h, w``;
+      align_corners) to ``h, w``, plus ``reference_logits [B, N, h, w]`` in
+      ``decoder.assignment = "cmt"`` with ``decoder.cmt.reference_mask`` (kmax_model.cmt);
     - ``semantic_logits [B, K+1 (or K), h', w']`` when the semantic head exists and the model is training
       (``h', w' = h, w``, or the stride-32 grid for the decoder-less head, see kmax_model.semantic_head);
     - ``assignments`` (only with ``return_assignments=True``): list over decoder layers of ``[B, h_l, w_l]``
@@ -58,19 +59,24 @@ class KMaXDeepLab(nn.Module):
         class_emb, mask_emb, aux = self.transformer_decoder(maps[:NUM_DECODER_INPUTS])
         out = dict(self.predictor(maps[-1], class_emb, mask_emb))
         size = tuple(out["mask_logits"].shape[-2:])
-        out["aux_outputs"] = [
-            {
-                "class_logits": a["class_logits"],
-                "mask_logits": resize_bilinear(a["mask_logits"], size),
-                "pixel_feature": resize_bilinear(a["pixel_feature"], size),
-            }
-            for a in aux
-        ]
+        out["aux_outputs"] = [_aux_output(a, size) for a in aux]
         if self.semantic_head is not None and self.training:
             out["semantic_logits"] = self.semantic_head(features)
         if return_assignments:
             out["assignments"] = [a["_assignment_ids"] for a in aux]
         return out
+
+
+def _aux_output(aux: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A decoder layer's public predictions, maps resized (bilinear, align_corners) to ``size``."""
+    out = {
+        "class_logits": aux["class_logits"],
+        "mask_logits": resize_bilinear(aux["mask_logits"], size),
+        "pixel_feature": resize_bilinear(aux["pixel_feature"], size),
+    }
+    if "reference_logits" in aux:
+        out["reference_logits"] = resize_bilinear(aux["reference_logits"], size)
+    return out
 
 
 def build_model(cfg: KMaXConfig) -> KMaXDeepLab:

@@ -16,6 +16,12 @@ One layer, with pixel map ``F [B, Cp, H, W]`` and centres ``C [B, d, N]`` (docs/
 path) by ``C1 = C + drop_path(CrossAttentionUpdate(Cb, P, aux.mask_logits))`` (kmax_model.cross_attention:
 multi-head cross-attention of the centres over the pixels with its own Q/K/V projections, optionally masked
 by the predictor's masks); everything else in the layer is shared by all modes.
+
+``assignment == "cmt"`` (CMT-DeepLab as reconstructed, kmax_model.cmt) likewise replaces only the k-means
+update: ``C1 = C + CMTBranches(Cb, P, aux.mask_logits, L_prev).centre_delta`` (the cross-attention branch
+plus the switchable clustering branch), the layer's supervised mask logits become the carried ``L_l``, and
+after the FFN the CMT pixel update may change ``F``; the decoder hands each layer the previous layer's
+``L_{l-1}``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from kmax_model.clustering import (
     hard_assignment_map,
     reference_positions,
 )
+from kmax_model.cmt import CMTBranches, CMTStep
 from kmax_model.config import HeadConfig, TransformerDecoderConfig
 from kmax_model.cross_attention import CrossAttentionUpdate
 from kmax_model.layers import ConvNormAct, DropPath, NormFactory
@@ -39,8 +46,11 @@ COORD_CHANNELS = 2
 
 
 class KMaXLayer(nn.Module):
-    """One decoder layer. ``forward(F, C)`` -> ``(C', aux prediction dict, F')`` (``F' is F`` unless the
-    pixel update of kmax_model.clustering is on: ``assignment == "cluster_softmax"`` and ``updates_pixels``).
+    """One decoder layer. ``forward(F, C, L_prev=None)`` -> ``(C', aux prediction dict, F')`` (``F' is F``
+    unless a pixel update is on: that of kmax_model.clustering with ``assignment == "cluster_softmax"``, or
+    CMT's, and ``updates_pixels``). ``L_prev``: the previous layer's carried logits (``cmt`` only; the aux
+    dict then has ``"_carried_logits"`` when the residual assignment is on, and ``"reference_logits"
+    [B, N, H, W]`` when the reference mask is on).
 
     ``updates_pixels``: whether a later layer reads this layer's F'. The last layer of each stride hands its
     centres, not its pixels, to the next stride (which starts from the next pixel-decoder map), so it has
@@ -62,16 +72,17 @@ class KMaXLayer(nn.Module):
         extra = COORD_CHANNELS if cfg.coord_conv else 0
         self.pixel_conv = ConvNormAct(pixel_ch + extra, d, norm, 1)
         self.center_conv = ConvNormAct(d, d, norm, 1, dims=1)
-        # Exactly one centre update: the k-means one (value projection + output path) or cross-attention
-        # (its own projections and output path); a module the mode does not use is not built (DDP).
-        kmeans = cfg.assignment != "cross_attention"
+        # Exactly one centre update: the k-means one (value projection + output path), cross-attention
+        # (its own projections and output path) or CMT's (self.cmt, below); a module the mode does not use
+        # is not built (DDP).
+        kmeans = cfg.assignment not in ("cross_attention", "cmt")
         self.pixel_value = ConvNormAct(d, d, norm, 1, act=None, init_std=d**-0.5) if kmeans else None
         self.predictor = KMaXPredictor(d, d, num_classes, head_cfg, norm)
         self.update_norm = norm(d, 1) if kmeans else None
         self.update_proj = ConvNormAct(d, d, norm, 1, dims=1, act=None, gamma_init=0.0) if kmeans else None
         self.cross_attention = (
             None
-            if kmeans
+            if cfg.assignment != "cross_attention"
             else CrossAttentionUpdate(
                 d, cfg.key_dim, cfg.num_heads, norm, cfg.masked_attention, cfg.masked_attention_threshold
             )
@@ -97,6 +108,7 @@ class KMaXLayer(nn.Module):
             if cfg.assignment == "cluster_softmax" and updates_pixels
             else None
         )
+        self.cmt = CMTBranches(pixel_ch, cfg, norm, updates_pixels) if cfg.assignment == "cmt" else None
         # Independent drop-path masks per residual (deeplab2), one module each for clarity.
         self.drop_update, self.drop_attn, self.drop_ffn, self.drop_pos, self.drop_pixel = (
             DropPath(cfg.drop_path_rate) for _ in range(5)
@@ -114,7 +126,7 @@ class KMaXLayer(nn.Module):
         return self.act(self.attn_value_norm(out))
 
     def forward(
-        self, pixel: torch.Tensor, centers: torch.Tensor
+        self, pixel: torch.Tensor, centers: torch.Tensor, previous_logits: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         b, _, h, w = pixel.shape
         x = self.act(pixel)
@@ -124,8 +136,13 @@ class KMaXLayer(nn.Module):
             x = torch.cat([x, coords.to(x.dtype).expand(b, -1, -1, -1)], dim=1)
         p = self.pixel_conv(x)  # B x d x H x W
         cb = self.center_conv(centers)  # B x d x N
-        assignment = None
-        if self.cross_attention is not None:
+        assignment, step = None, None
+        if self.cmt is not None:
+            aux = self.predictor(p, cb, cb)
+            step = self.cmt(cb, p, aux["mask_logits"], previous_logits)
+            aux["mask_logits"] = step.logits
+            c1 = centers + step.centre_delta
+        elif self.cross_attention is not None:
             aux = self.predictor(p, cb, cb)
             c1 = centers + self.drop_update(self.cross_attention(cb, p, aux["mask_logits"]))
         else:
@@ -146,15 +163,29 @@ class KMaXLayer(nn.Module):
             with torch.autocast(device_type=pixel.device.type, enabled=False):
                 pulled = torch.einsum("bnl,bdn->bdl", assignment, c3.float()).reshape(b, -1, h, w)
             pixel = pixel + self.drop_pixel(self.pixel_update(pulled.to(pixel.dtype)))
-        aux["_assignment_ids"] = hard_assignment_map(aux["mask_logits"])
+        if step is not None:
+            pixel = self.cmt.update_pixels(pixel, step, c3)
+            self._cmt_outputs(aux, step)
+            aux["_assignment_ids"] = hard_assignment_map(step.assignment_logits)
+        else:
+            aux["_assignment_ids"] = hard_assignment_map(aux["mask_logits"])
         return c3, aux, pixel
+
+    def _cmt_outputs(self, aux: dict[str, torch.Tensor], step: CMTStep) -> None:
+        """Add the carried logits (residual assignment on) and the reference logits (reference mask on)."""
+        if self.cfg.cmt.residual_assignment:
+            aux["_carried_logits"] = step.logits
+        if step.reference_logits is not None:
+            aux["reference_logits"] = step.reference_logits
 
 
 class KMaXTransformerDecoder(nn.Module):
     """``[F32, F16, F8]`` -> ``(class_emb [B,d,N], mask_emb [B,d,N], per-layer aux predictions)``.
 
     ``blocks_per_stride[i]`` layers run on the i-th map. Each aux dict has the predictor's three keys plus
-    ``"_assignment_ids" [B, h_l, w_l]`` (argmax cluster per pixel), which the model strips or exposes.
+    ``"_assignment_ids" [B, h_l, w_l]`` (argmax cluster per pixel), which the model strips or exposes, and
+    in ``cmt`` mode with the reference mask on ``"reference_logits" [B, N, h_l, w_l]``. A layer's
+    ``"_carried_logits"`` (``cmt`` with the residual assignment) is popped and handed to the next layer.
     """
 
     def __init__(
@@ -190,10 +221,11 @@ class KMaXTransformerDecoder(nn.Module):
         # A contiguous copy per image (bytedance repeats its [d, N] table): convs round as theirs do.
         centers = self.cluster_centers.t()[None].repeat(b, 1, 1).to(features[0].dtype)  # B x d x N
         aux_outputs = []
-        current, pixel = -1, None
+        current, pixel, carried = -1, None, None
         for layer, idx in zip(self.layers, self.layer_inputs):
             if idx != current:
                 current, pixel = idx, features[idx]
-            centers, aux, pixel = layer(pixel, centers)
+            centers, aux, pixel = layer(pixel, centers, carried)
+            carried = aux.pop("_carried_logits", None)
             aux_outputs.append(aux)
         return self.class_embed(centers), self.mask_embed(centers), aux_outputs

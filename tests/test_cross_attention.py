@@ -198,7 +198,7 @@ def test_parameter_count_differs_by_the_query_and_key_projections():
 
 def test_modes_and_config_validation():
     assert "cross_attention" in ASSIGNMENT_MODES and "cross_attention" not in CONTROLLED_ASSIGNMENT_MODES
-    assert set(CONTROLLED_ASSIGNMENT_MODES) | {"cross_attention"} == set(ASSIGNMENT_MODES)
+    assert set(CONTROLLED_ASSIGNMENT_MODES) | {"cross_attention", "cmt"} == set(ASSIGNMENT_MODES)
     with pytest.raises(
         ValueError, match=r"^decoder\.masked_attention needs decoder\.assignment=cross_attention"
     ):
