@@ -15,6 +15,8 @@ from typing import Literal
 PostProcessPreset = Literal["coco", "cityscapes", "ade20k"]
 MaskLossAt = Literal["grid", "input"]
 MASK_LOSS_AT = ("grid", "input")
+MaskApproxTerms = Literal["dice", "bce", "dice_bce"]
+MASK_APPROX_TERMS = ("dice", "bce", "dice_bce")
 
 LOSS_WEIGHT_FIELDS = (
     "pq_class_weight",
@@ -22,6 +24,7 @@ LOSS_WEIGHT_FIELDS = (
     "mask_id_weight",
     "insdis_weight",
     "semantic_weight",
+    "mask_approx_weight",
 )
 """The `LossConfig` fields that weight one loss term each."""
 
@@ -94,6 +97,16 @@ class LossConfig:
             the matched slot under the final output), the rest uniform among the leftover candidates;
             0 = uniform sampling. Mask2Former's importance sampling uses 0.75 with oversample 3.
         mask_loss_oversample: candidates per point for the hard-point choice (>= 1).
+        mask_approx_weight: weight of CMT-DeepLab's mask-approximation loss as reconstructed
+            (kmax_model.losses.mask_approximation_loss): every decoder layer's reference mask against the GT
+            mask of its matched slot. Computed only for outputs that have ``reference_logits``
+            (``decoder.assignment = "cmt"`` with ``decoder.cmt.reference_mask``); 0 = off. Our choice: 1.0
+            (the paper's weight is not recoverable; the weight of the other CMT-DeepLab loss,
+            instance discrimination).
+        mask_approx_terms: "dice", "bce" or "dice_bce" (their sum; our choice, the sigmoid dice + BCE pair of
+            per-query binary mask losses, as Mask2Former's ``dice_loss`` + ``sigmoid_ce_loss``,
+            facebookresearch/Mask2Former ``mask2former/modeling/criterion.py`` @ 161be514) of the
+            mask-approximation loss.
     """
 
     pq_class_weight: float = 3.0
@@ -114,10 +127,16 @@ class LossConfig:
     mask_loss_points: int = 12544
     mask_loss_hard_ratio: float = 0.0
     mask_loss_oversample: float = 3.0
+    mask_approx_weight: float = 1.0
+    mask_approx_terms: MaskApproxTerms = "dice_bce"
 
     def __post_init__(self) -> None:
         if self.mask_loss_at not in MASK_LOSS_AT:
             raise ValueError(f"loss.mask_loss_at must be one of {MASK_LOSS_AT}, got {self.mask_loss_at!r}")
+        if self.mask_approx_terms not in MASK_APPROX_TERMS:
+            raise ValueError(
+                f"loss.mask_approx_terms must be one of {MASK_APPROX_TERMS}, got {self.mask_approx_terms!r}"
+            )
         _check_int("loss", "mask_loss_points", self.mask_loss_points, 0)
         _check_unit_interval("loss", "mask_loss_hard_ratio", self.mask_loss_hard_ratio)
         oversample = self.mask_loss_oversample

@@ -27,6 +27,7 @@ import torch
 from kmax_model.config_objective import LossConfig
 from kmax_model.losses import (
     instance_discrimination_loss,
+    mask_approximation_loss,
     mask_id_loss,
     pq_class_loss,
     pq_dice_loss,
@@ -54,8 +55,12 @@ LOSS_KEY_TO_WEIGHT_FIELD = {
     "loss_mask_id": "mask_id_weight",
     "loss_insdis": "insdis_weight",
     "loss_semantic": "semantic_weight",
+    "loss_mask_approx": "mask_approx_weight",
 }
 """Base loss key -> the `LossConfig` field holding its weight. Aux copies are ``<key>_aux<i>``."""
+
+AUX_KEYS = ("class_logits", "mask_logits", "pixel_feature", "reference_logits")
+"""The keys of an auxiliary output the losses read (``reference_logits``: ``cmt`` mode only)."""
 
 _AUX_SUFFIX = re.compile(r"^(?P<base>.+)_aux(?P<index>\d+)$")
 
@@ -139,7 +144,9 @@ class Criterion:
 
     Keys: ``loss_pq_class``, ``loss_pq_dice``, ``loss_mask_id``, ``loss_insdis`` for the final output and
     ``<key>_aux<i>`` for ``outputs["aux_outputs"][i]``; ``loss_semantic`` when ``outputs`` has
-    ``semantic_logits``. Terms whose weight is 0 are not computed.
+    ``semantic_logits``; ``loss_mask_approx_aux<i>`` for an auxiliary output with ``reference_logits``
+    (``cmt`` mode: each layer's reference masks against the GT of the same matching, on the output-stride
+    grid even with ``mask_loss_at = "input"``). Terms whose weight is 0 are not computed.
 
     Args:
         loss_cfg: the loss configuration (weights and hyper-parameters).
@@ -199,7 +206,7 @@ class Criterion:
             )
             losses = self._output_losses(final, slot_targets, "", generator, points)
             for index, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux = {key: aux[key].float() for key in ("class_logits", "mask_logits", "pixel_feature")}
+                aux = {key: aux[key].float() for key in AUX_KEYS if key in aux}
                 aux_targets = (
                     slot_targets if self.cfg.share_final_matching else self.build_slot_targets(aux, targets)
                 )
@@ -269,6 +276,15 @@ class Criterion:
                 cfg.insdis_sample_temperature,
                 cfg.insdis_temperature,
                 generator,
+            )
+        if cfg.mask_approx_weight > 0 and "reference_logits" in output:
+            losses["loss_mask_approx" + suffix] = mask_approximation_loss(
+                output["reference_logits"].flatten(2),
+                slot.masks,
+                slot.valid,
+                slot.classes != self.num_classes,
+                cfg.mask_approx_terms,
+                cfg.dice_smooth,
             )
         return losses
 

@@ -206,3 +206,43 @@ def semantic_loss(
     safe_target = torch.where(counted, semantic, torch.zeros_like(semantic))
     ce = F.cross_entropy(semantic_logits, safe_target, reduction="none")  # B x k
     return _per_image_mean(ce * counted.to(ce.dtype), counted)
+
+
+def mask_approximation_loss(
+    reference_logits: torch.Tensor,
+    target_masks: torch.Tensor,
+    valid: torch.Tensor,
+    matched: torch.Tensor,
+    terms: str = "dice_bce",
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """CMT-DeepLab's mask-approximation loss as reconstructed (kmax_model.cmt): each matched slot's
+    reference mask against its GT mask, per slot a sigmoid mask (not a softmax over slots).
+
+    With ``s = sigmoid(R)``, ``v`` the non-void pixels and ``y`` the slot's GT mask::
+
+        dice_n = 1 - (2 sum_p v s y + smooth) / (sum_p v s + sum_p v y + smooth)
+        bce_n  = sum_p v BCE(R, y) / max(sum_p v, 1)
+        L = mean_b [ sum_{n matched} (dice_n [+ bce_n]) / max(#matched, 1) ]
+
+    Args:
+        reference_logits: [B, N, P] reference-mask logits.
+        target_masks: [B, N, P] GT masks permuted to the slots (zeros for unmatched slots).
+        valid: [B, P] bool non-void pixels.
+        matched: [B, N] bool slots matched to a GT mask (only these count).
+        terms: "dice", "bce" or "dice_bce" (their sum).
+        smooth: additive smoothing of the dice (the PQ dice's ``loss.dice_smooth``).
+    """
+    if terms not in ("dice", "bce", "dice_bce"):
+        raise ValueError(f"loss.mask_approx_terms must be 'dice', 'bce' or 'dice_bce', got {terms!r}")
+    v = valid[:, None, :].to(reference_logits.dtype)  # B x 1 x P
+    loss = reference_logits.new_zeros(reference_logits.shape[:2])  # B x N
+    if terms in ("dice", "dice_bce"):
+        probs = reference_logits.sigmoid() * v
+        targets = target_masks * v
+        intersection = 2.0 * (probs * targets).sum(-1) + smooth
+        loss = loss + 1.0 - intersection / (probs.sum(-1) + targets.sum(-1) + smooth)
+    if terms in ("bce", "dice_bce"):
+        bce = F.binary_cross_entropy_with_logits(reference_logits, target_masks, reduction="none")
+        loss = loss + (bce * v).sum(-1) / v.sum(-1).clamp(min=1.0)
+    return _per_image_mean(loss * matched.to(loss.dtype), matched)
