@@ -15,6 +15,11 @@ COORD_CONV = "model.decoder.coord_conv"
 DEPTH = "model.decoder.blocks_per_stride"
 
 DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+CMT_SWITCHES = tuple(
+    f"model.decoder.cmt.{name}"
+    for name in ("centre_update", "residual_assignment", "pixel_update", "reference_mask")
+)
+MASK_APPROX_WEIGHT = "model.loss.mask_approx_weight"
 
 
 def assignment(seeds: int = 1) -> Study:
@@ -39,3 +44,20 @@ def full(seeds: int = 1) -> Study:
     """The full factorial of the three ablations (3 x 2 x 3 = 18 variants)."""
     space = {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES), COORD_CONV: [False, True], DEPTH: DEPTHS}
     return Study("full", space, seeds=seeds)
+
+
+def cmt_components(seeds: int = 1) -> Study:
+    """CMT-DeepLab as reconstructed (``decoder.assignment=cmt``, kmax_model.cmt): the full factorial of its
+    four layer components on/off (16 variants; the reference is every component on). All off is the
+    ``cross_attention`` layer; the mask-approximation loss is `cmt_mask_approx`."""
+    return Study(
+        "cmt_components",
+        {path: [True, False] for path in CMT_SWITCHES},
+        seeds=seeds,
+        fixed={ASSIGNMENT: "cmt"},
+    )
+
+
+def cmt_mask_approx(seeds: int = 1) -> Study:
+    """CMT as reconstructed, every layer component on: the mask-approximation loss on (weight 1) vs off."""
+    return Study("cmt_mask_approx", {MASK_APPROX_WEIGHT: [1.0, 0.0]}, seeds=seeds, fixed={ASSIGNMENT: "cmt"})
