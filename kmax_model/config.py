@@ -203,15 +203,18 @@ class TransformerDecoderConfig:
 
     ``blocks_per_stride`` layers run at strides 32, 16, 8 (decoder depth). ``assignment`` selects how a layer
     updates the centres from the pixels: one of `CONTROLLED_ASSIGNMENT_MODES` (a pixel-to-cluster assignment
-    of the layer's mask logits, `kmax_model.clustering`) or ``cross_attention`` (multi-head cross-attention
-    with its own projections, `kmax_model.cross_attention`). ``masked_attention`` (``cross_attention``
-    only): each centre attends only to the pixels where the mask probability predicted from the layer's
-    input centres is >= ``masked_attention_threshold`` (after Mask2Former's masked attention). ``coord_conv``
-    adds a location-sensitive clustering inspired by CMT-DeepLab (our formulation, see
-    `kmax_model.clustering`). Centre self-attention, and the cross-attention of ``cross_attention``:
+    of the layer's mask logits, `kmax_model.clustering`), ``cross_attention`` (multi-head cross-attention
+    with its own projections, `kmax_model.cross_attention`) or ``cmt`` (that cross-attention plus
+    CMT-DeepLab's components as reconstructed, `kmax_model.cmt`, configured by ``cmt``).
+    ``masked_attention`` (``cross_attention`` only): each centre attends only to the pixels where the mask
+    probability predicted from the layer's input centres is >= ``masked_attention_threshold`` (after
+    Mask2Former's masked attention). ``coord_conv`` adds a location-sensitive clustering inspired by
+    CMT-DeepLab (our formulation, see `kmax_model.clustering`; any mode, ``cmt`` included, where it is
+    independent of the reference mask).
+    Centre self-attention, and the cross-attention of ``cross_attention`` and ``cmt``:
     ``num_heads`` heads, total key depth ``key_dim``, value depth ``hidden_dim``.
-    ``drop_path_rate`` applies (independent masks) to the update, attention and FFN residuals.
-    ``cmt``: the components of ``assignment = "cmt"`` (`CMTConfig`; CMT-DeepLab as reconstructed).
+    ``drop_path_rate`` applies (independent masks) to the update, attention and FFN residuals (and to
+    each of ``cmt``'s residual branches).
     """
 
     num_clusters: int = 128

@@ -101,6 +101,34 @@ def test_every_combination_shapes_gradients_and_no_unused_module(switches):
         )
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"decoder.cmt.share_value": False},
+        {"decoder.cmt.centre_update_norm": "mass"},
+        {"decoder.cmt.detach_assignment": True},
+        {"decoder.cmt.pixel_update_coords": False},
+        {"decoder.cmt.assignment_temperature": 0.5, "decoder.cmt.reference_dim": 8},
+        {"decoder.coord_conv": True},
+    ],
+    ids=lambda o: ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in o.items()),
+)
+def test_open_choices_train_every_parameter(overrides):
+    """Each open choice away from its default still builds, runs and gives every parameter a gradient."""
+    torch.manual_seed(0)
+    model = build_model(apply_overrides(_tiny(), overrides)).train()
+    layer = model.transformer_decoder.layers[0].cmt
+    assert (layer.value is not None) == (overrides.get("decoder.cmt.share_value") is False)
+    assert (layer.pixel_coord is None) == (overrides.get("decoder.cmt.pixel_update_coords") is False)
+    out = model(torch.randn(*IMAGE))
+    tensors = [out[key] for key in ("mask_logits", "class_logits", "pixel_feature", "semantic_logits")] + [
+        t for aux in out["aux_outputs"] for t in aux.values()
+    ]
+    sum(t.float().square().mean() for t in tensors).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_parameter_count_is_the_sum_of_the_components():
     """Per layer against argmax: the cross-attention's Q and K, its second output path (BN + conv + BN)
     when the clustering branch keeps kMaX's; the reference mask; the pixel update where it exists."""
