@@ -20,33 +20,45 @@ CMT_SWITCHES = tuple(
     for name in ("centre_update", "residual_assignment", "pixel_update", "reference_mask")
 )
 MASK_APPROX_WEIGHT = "model.loss.mask_approx_weight"
+DEFAULT_SEEDS = 3
+"""Replicates per variant unless ``--seeds`` says otherwise: a PQ difference needs 3-5 runs to be told from
+seed noise (the Mask2Former maintainers, facebookresearch/Mask2Former#5), and the report's paired t
+intervals need at least 2 (pipeline.sweep.seed_stats)."""
+DESIGNS = ["argmax", "cmt", "cross_attention"]
 
 
-def assignment(seeds: int = 1) -> Study:
+def assignment(seeds: int = DEFAULT_SEEDS) -> Study:
     """The controlled axis: one affinity (centres x pixels), three normalisations of it: kMaX's argmax
     over clusters, a softmax over clusters (with its pixel update), a softmax over pixels. Not whole designs:
     neither softmax mode is CMT-DeepLab or the standard cross-attention (``cross_attention``)."""
     return Study("assignment", {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES)}, seeds=seeds)
 
 
-def coord_conv(seeds: int = 1) -> Study:
+def coord_conv(seeds: int = DEFAULT_SEEDS) -> Study:
     """Coordinate convolution (our formulation of the location-sensitive clustering idea of CMT-DeepLab)
     off vs on."""
     return Study("coord_conv", {COORD_CONV: [False, True]}, seeds=seeds)
 
 
-def decoder_depth(seeds: int = 1) -> Study:
+def decoder_depth(seeds: int = DEFAULT_SEEDS) -> Study:
     """kMaX decoder blocks per stride (32, 16, 8): 3, 6 or 9 layers."""
     return Study("decoder_depth", {DEPTH: DEPTHS}, seeds=seeds)
 
 
-def full(seeds: int = 1) -> Study:
+def full(seeds: int = DEFAULT_SEEDS) -> Study:
     """The full factorial of the three ablations (3 x 2 x 3 = 18 variants)."""
     space = {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES), COORD_CONV: [False, True], DEPTH: DEPTHS}
     return Study("full", space, seeds=seeds)
 
 
-def cmt_components(seeds: int = 1) -> Study:
+def design(seeds: int = DEFAULT_SEEDS) -> Study:
+    """Whole designs of the decoder layer, the question the product exists for: kMaX-DeepLab (k-means with
+    argmax assignment, the reference), CMT-DeepLab as reconstructed (kmax_model.cmt: cross-attention plus
+    its clustering components), and the standard multi-head cross-attention (kmax_model.cross_attention)."""
+    return Study("design", {ASSIGNMENT: DESIGNS}, seeds=seeds, reference={ASSIGNMENT: "argmax"})
+
+
+def cmt_components(seeds: int = DEFAULT_SEEDS) -> Study:
     """CMT-DeepLab as reconstructed (``decoder.assignment=cmt``, kmax_model.cmt): the full factorial of its
     four layer components on/off (16 variants; the reference is every component on). All off is the
     ``cross_attention`` layer; the mask-approximation loss is `cmt_mask_approx`."""
@@ -58,6 +70,6 @@ def cmt_components(seeds: int = 1) -> Study:
     )
 
 
-def cmt_mask_approx(seeds: int = 1) -> Study:
+def cmt_mask_approx(seeds: int = DEFAULT_SEEDS) -> Study:
     """CMT as reconstructed, every layer component on: the mask-approximation loss on (weight 1) vs off."""
     return Study("cmt_mask_approx", {MASK_APPROX_WEIGHT: [1.0, 0.0]}, seeds=seeds, fixed={ASSIGNMENT: "cmt"})

@@ -12,11 +12,15 @@ from pipeline.sweep.study import SEED_PATH, Study, resolve_study, variant_name
 
 
 def test_named_studies_grids():
-    assert [t[studies.ASSIGNMENT] for t in resolve_study("assignment").trials()] == [
+    assert [v[studies.ASSIGNMENT] for v in resolve_study("assignment").variants()] == [
         "argmax",
         "cluster_softmax",
         "spatial_softmax",
     ]
+    assert len(resolve_study("assignment").trials()) == 3 * studies.DEFAULT_SEEDS == 9
+    design = resolve_study("design")
+    assert [v[studies.ASSIGNMENT] for v in design.variants()] == ["argmax", "cmt", "cross_attention"]
+    assert design.seeds == 3 and design.reference_point() == {studies.ASSIGNMENT: "argmax"}
     assert len(resolve_study("coord_conv", seeds=3).trials()) == 6
     assert [v[studies.DEPTH] for v in resolve_study("decoder_depth").variants()] == [
         (1, 1, 1),
