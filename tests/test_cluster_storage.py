@@ -211,7 +211,7 @@ def test_a_sweep_of_two_trials_on_the_cluster(services, shared_data):
     root, cluster, _, mlflow = services
     storage, sweep_dir = str(root / "shared" / "storage"), str(root / "private" / "sweep")
     argv = [
-        "sweep", "--study", "coord_conv", "--data", str(shared_data), "--run-dir", sweep_dir,
+        "sweep", "--study", "coord_conv", "--seeds", "1", "--data", str(shared_data), "--run-dir", sweep_dir,
         "--storage", storage, "--tracking-uri", mlflow.uri, "--ray-address", cluster.address,
         "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_interval=2",
         "--set", "train.checkpoint_interval=2", "--set", "data.batch_size=2",
