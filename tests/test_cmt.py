@@ -34,6 +34,7 @@ from kmax_model.criterion import Criterion
 from kmax_model.layers import make_norm_factory
 from kmax_model.losses import mask_approximation_loss
 from kmax_model.targets import IGNORE_INDEX, Target
+from tests.test_cross_attention import randomise_norms
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -46,17 +47,6 @@ B, D, CP, N, H, W = 2, 8, 6, 5, 3, 4
 def _tiny(**switches) -> object:
     overrides = {"decoder.assignment": "cmt", **{f"decoder.cmt.{k}": v for k, v in switches.items()}}
     return apply_overrides(preset("tiny"), overrides)
-
-
-def _randomise_norms(module: torch.nn.Module) -> torch.nn.Module:
-    """Random norm affines and running statistics (gamma 0 of residual branches would zero them)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_()
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -150,7 +140,7 @@ def test_parameter_count_is_the_sum_of_the_components():
 
 def test_all_components_off_equals_the_cross_attention_mode():
     torch.manual_seed(0)
-    cross = _randomise_norms(
+    cross = randomise_norms(
         build_model(apply_overrides(preset("tiny"), ["decoder.assignment=cross_attention"]))
     )
     cmt = build_model(_tiny(**dict.fromkeys(SWITCHES, False)))
@@ -261,7 +251,7 @@ def test_pixel_update_equals_a_loop():
     # the module: F + BN_g0(A^T conv1d(C3) + conv1x1(c)), norms randomised, eval mode
     cfg = TransformerDecoderConfig(hidden_dim=D, key_dim=4, num_heads=2, drop_path_rate=0.0)
     torch.manual_seed(0)
-    branches = _randomise_norms(CMTBranches(CP, cfg, make_norm_factory("bn"), updates_pixels=True)).eval()
+    branches = randomise_norms(CMTBranches(CP, cfg, make_norm_factory("bn"), updates_pixels=True)).eval()
     pixel, centres = torch.randn(B, CP, H, W, generator=g), torch.randn(B, D, N, generator=g)
     step = branches(
         torch.randn(B, D, N, generator=g), torch.randn(B, D, H, W, generator=g), torch.randn(B, N, H, W)
@@ -287,7 +277,7 @@ def test_coordinate_grid_and_reference_mask_values():
         assert grid[0, 0, i, j].item() == pytest.approx((2 * j + 1) / 4 - 1)  # x, pixel centres in (-1, 1)
         assert grid[0, 1, i, j].item() == pytest.approx((2 * i + 1) / 3 - 1)  # y
     torch.manual_seed(0)
-    ref = _randomise_norms(ReferenceMask(D, CMTConfig(reference_dim=4), make_norm_factory("bn"))).eval()
+    ref = randomise_norms(ReferenceMask(D, CMTConfig(reference_dim=4), make_norm_factory("bn"))).eval()
     centres = torch.randn(B, D, N)
     with torch.no_grad():
         logits = ref(centres, grid)

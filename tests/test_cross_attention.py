@@ -22,18 +22,23 @@ THRESHOLD = 0.5
 SCALE = 1.0 / math.sqrt(KEY_DIM // HEADS)
 
 
+def randomise_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Random norm affines and running statistics (gamma 0 of residual branches would zero them)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
 def _block(masked: bool, seed: int = 0) -> CrossAttentionUpdate:
     """A block in eval mode whose norms have random affine parameters and running statistics (gamma 0 of
     the output BN would otherwise make every output 0)."""
     torch.manual_seed(seed)
     block = CrossAttentionUpdate(D, KEY_DIM, HEADS, make_norm_factory("bn"), masked, THRESHOLD)
-    for module in block.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_()
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-    return block.eval()
+    return randomise_norms(block).eval()
 
 
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
