@@ -45,7 +45,6 @@ from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.config import (
     ExperimentConfig,
     bind_manifest,
-    field_value,
     load_experiment,
     with_absolute_paths,
     with_fields,
@@ -127,14 +126,11 @@ def refuse_shared_nothing_without_storage(cfg: ExperimentConfig, ray) -> None:
 def _initial_weight_files_exist(cfg: ExperimentConfig) -> None:
     """Named initial weights must exist, before Ray starts; a run with checkpoints (it will resume) reads
     neither file, which may be gone."""
+    from pipeline.train.init_weights import require_files
     from pipeline.train.resume import checkpoint_names
 
-    if checkpoint_names(cfg.run_location):
-        return
-    for name in ("model.backbone.pretrained", "model.init_from"):
-        location = field_value(cfg, name)
-        if location is not None and not is_file(location):
-            raise FileNotFoundError(f"{name}={location}: no such file")
+    if not checkpoint_names(cfg.run_location):
+        require_files(cfg)
 
 
 def prepare_run(cfg: ExperimentConfig, tracking=None, echo=print):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, field_value
 
 MAX_KEYS_IN_ERROR = 10
 
@@ -63,10 +63,27 @@ class InitialWeights:
         return json.dumps(self.records, indent=1)
 
 
-def _read(location: str, field_name: str) -> tuple[bytes, str]:
-    """The file's bytes and sha256; FileNotFoundError naming the config field when it is absent."""
+FIELDS = ("model.backbone.pretrained", "model.init_from")
+"""The config fields that name initial weights."""
+
+
+def _require(location: str, field_name: str) -> None:
     if not storage.is_file(location):
         raise FileNotFoundError(f"{field_name}={location}: no such file")
+
+
+def require_files(cfg: ExperimentConfig) -> None:
+    """FileNotFoundError naming the config field when a file it names is absent (a cheap check, before Ray
+    starts; `read_initial_weights` reads and matches them)."""
+    for name in FIELDS:
+        location = field_value(cfg, name)
+        if location is not None:
+            _require(location, name)
+
+
+def _read(location: str, field_name: str) -> tuple[bytes, str]:
+    """The file's bytes and sha256; FileNotFoundError naming the config field when it is absent."""
+    _require(location, field_name)
     data = storage.read_bytes(location)
     return data, hashlib.sha256(data).hexdigest()
 
