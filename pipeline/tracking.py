@@ -33,6 +33,10 @@ RUN_ID_FILE = "mlflow_run.json"
 MAX_PARAM_VALUE = 6000
 """MLflow's limit on a param value's length."""
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""Marks an experiment as model training: MLflow 3's UI then shows runs and charts, not a GenAI app."""
+
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 SERVER_PROBE_TIMEOUT_S = 5.0
@@ -94,7 +98,7 @@ def get_or_create_experiment(target: TrackingTarget, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     kwargs = {"artifact_location": f"{target.artifact_location}/{name}"} if target.artifact_location else {}
-    return client.create_experiment(name, **kwargs)
+    return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}, **kwargs)
 
 
 def start_or_resume_run(

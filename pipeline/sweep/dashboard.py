@@ -4,6 +4,11 @@ By default it serves the embedded SQLite store of ``--run-dir`` (``<run_dir>/mlf
 `pipeline.tracking` writes), bound to 127.0.0.1. Artifacts (comparison reports, figures) are read
 from the run's artifact location by the server, so the report HTML attached to a sweep's parent run
 renders in the browser.
+
+``--sweep NAME`` (or a store holding one sweep) prints the URL of that sweep's view
+(pipeline.sweep.sweep_view): its trials as rows with PQ / PQ_th / PQ_st and the swept parameters as
+columns, the report linked above them. Without a sweep it prints the experiment list in the UI's
+model-training mode, not MLflow's GenAI start page.
 """
 
 from __future__ import annotations
@@ -82,21 +87,54 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+DEFAULT_RUN_DIR = "runs/demo"
+EXPERIMENTS_PATH = "/#/experiments?workflowType=machine_learning"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", default="runs/demo", help="run directory holding the embedded mlflow.db")
+    parser.add_argument("--sweep", help="open on this sweep's trials, e.g. assignment (default: the store's "
+                        "only sweep, else the experiment list)")  # fmt: skip
+    parser.add_argument(
+        "--run-dir", help=f"directory holding the embedded mlflow.db (default: runs/sweeps/<sweep> with "
+        f"--sweep, else {DEFAULT_RUN_DIR})",
+    )  # fmt: skip
     parser.add_argument("--tracking-uri", default=None, help="another tracking store (overrides --run-dir)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default: localhost only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
 
 
+def _view(uri: str, sweep: str | None):
+    """The sweep's saved view (None without a sweep to open); ValueError for an unknown sweep."""
+    from pipeline.sweep.sweep_view import list_sweeps, save_sweep_view
+
+    if sweep is None:
+        sweeps = list_sweeps(uri)
+        if len(sweeps) != 1:
+            if sweeps:
+                print(f"sweeps in this store: {', '.join(sweeps)} (open one with --sweep NAME)")
+            return None
+        sweep = sweeps[0]
+    return save_sweep_view(uri, sweep)
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.tracking_uri and not (Path(args.run_dir) / "mlflow.db").is_file():
-        print(f"kmax dashboard: no tracking store at {Path(args.run_dir) / 'mlflow.db'}; run `kmax demo` or "
-              "`kmax sweep` first, or pass --run-dir / --tracking-uri", file=sys.stderr)  # fmt: skip
-        return 2
-    uri = resolve_target(args.tracking_uri, args.run_dir).tracking_uri
+    from pipeline.cli import fail
+
+    run_dir = Path(args.run_dir or (f"runs/sweeps/{args.sweep}" if args.sweep else DEFAULT_RUN_DIR))
+    if not args.tracking_uri and not (run_dir / "mlflow.db").is_file():
+        return fail("dashboard", f"no tracking store at {run_dir / 'mlflow.db'}; run `kmax demo` or "
+                    "`kmax sweep` first, or pass --run-dir / --tracking-uri")  # fmt: skip
+    uri = resolve_target(args.tracking_uri, run_dir).tracking_uri
+    try:
+        view = _view(uri, args.sweep)
+    except ValueError as exc:
+        return fail("dashboard", exc)
     proc = start_server(uri, args.host, args.port)
-    print(f"MLflow dashboard on http://{args.host}:{args.port} (store: {uri}); Ctrl-C stops it", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow dashboard: {base}{view.path if view else EXPERIMENTS_PATH}", flush=True)
+    if view is not None and view.has_report:
+        print(f"  comparison report: {base}{view.report_path}", flush=True)
+    print(f"  store: {uri}; Ctrl-C stops the server", flush=True)
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     echo(
         f"\ndemo finished in {(time.time() - t0) / 60:.1f} min\n"
         f"  report:    {report}\n"
-        f"  dashboard: kmax dashboard --run-dir {run_dir}   (http://127.0.0.1:5000)"
+        f"  dashboard: kmax dashboard --run-dir {run_dir} --sweep {STUDY}   (prints the trials' view URL)"
     )
     return 0
 

@@ -258,7 +258,8 @@ def _reference(params: Mapping[str, str], explicit: str | None, variants: list[s
     return explicit or params.get(REFERENCE_PARAM) or _first_variant(params) or variants[0]
 
 
-def _sweep_parent(client, sweep: str, tracking_uri: str):
+def sweep_parent(client, sweep: str, tracking_uri: str):
+    """(experiment id, the newest parent run) of sweep ``sweep``; ValueError naming the store if none."""
     exp = client.get_experiment_by_name(f"sweep-{sweep}")
     if exp is None:
         raise ValueError(f"--sweep {sweep}: no experiment 'sweep-{sweep}' in {tracking_uri}")
@@ -276,7 +277,7 @@ def load_sweep(tracking_uri: str, sweep: str, reference: str | None = None) -> S
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment_id, parent = _sweep_parent(client, sweep, tracking_uri)
+    experiment_id, parent = sweep_parent(client, sweep, tracking_uri)
     children = client.search_runs(
         [experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
