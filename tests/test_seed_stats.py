@@ -323,3 +323,31 @@ def test_an_explicit_reference_is_checked_and_used(sweep_store):
     assert runs.reference == ARGMAX and {d.variant for d in runs.differences()} == {REF, CLUSTER, SINGLE}
     with pytest.raises(ValueError, match="--reference nope: not a variant"):
         load_sweep(uri, SWEEP, reference="nope")
+
+
+def test_pq_curves_are_coloured_by_variant_with_the_mean_over_seeds(sweep_store):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.report import _pq_vs_step, load_sweep, mean_curve, pq_curves
+
+    _, uri, _ = sweep_store
+    runs, client = load_sweep(uri, SWEEP), MlflowClient(uri)
+    curves = dict(pq_curves(runs, client))
+    assert curves[REF] == [[(3, 30.0), (6, 40.0)], [(3, 31.0), (6, 41.0)], [(3, 32.0), (6, 42.0)]]
+    assert mean_curve(curves[REF]) == [(3, 31.0), (6, 41.0)]
+    assert mean_curve([[(3, 1.0), (6, 2.0)], [(3, 3.0)]]) == [(3, 2.0)]  # a seed stopped at step 3
+    fig = _pq_vs_step(plt, runs, client)
+    lines = fig.axes[0].get_lines()
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [f"{v} (mean of {len(curves[v])})" for v in sorted(curves)]
+    for k, variant in enumerate(sorted(curves)):  # seeds thin, their mean thick, all one colour per variant
+        mine = [line for line in lines if to_hex(line.get_color()) == to_hex(f"C{k}")]
+        assert len(mine) == len(curves[variant]) + 1
+        thick = [line for line in mine if line.get_label() == legend[k]]
+        assert [tuple(xy) for xy in thick[0].get_xydata()] == mean_curve(curves[variant])
+    plt.close(fig)

@@ -511,16 +511,36 @@ def _pq_per_variant(plt, runs: SweepRuns, client):
     return fig
 
 
-def _pq_vs_step(plt, runs: SweepRuns, client):
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def pq_curves(runs: SweepRuns, client) -> list[tuple[str, list[list[tuple[int, float]]]]]:
+    """Per variant, each seed's validation PQ history [(step, PQ), ...] by step (runs without one omitted)."""
+    curves = []
     for row in runs.rows:
-        for i, run_id in enumerate(row.run_ids):
-            hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, PQ_KEY))
-            if hist:
-                ax.plot(*zip(*hist), marker="o", label=row.variant if i == 0 else None)
+        hists = [sorted((m.step, m.value) for m in client.get_metric_history(r, PQ_KEY)) for r in row.run_ids]
+        curves.append((row.variant, [h for h in hists if h]))
+    return curves
+
+
+def mean_curve(seeds: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The mean PQ over seeds at each step every seed validated at (an ASHA-stopped seed ends the curve)."""
+    common = set.intersection(*(set(dict(h)) for h in seeds)) if seeds else set()
+    return [(step, sum(dict(h)[step] for h in seeds) / len(seeds)) for step in sorted(common)]
+
+
+def _pq_vs_step(plt, runs: SweepRuns, client):
+    """One colour per variant: each seed a thin line, the mean over seeds a thick one (the legend's)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, (variant, seeds) in enumerate(pq_curves(runs, client)):
+        color = f"C{k}"
+        for hist in seeds:
+            ax.plot(*zip(*hist), color=color, linewidth=0.8, alpha=0.4)
+        mean = mean_curve(seeds)
+        if mean:
+            ax.plot(
+                *zip(*mean), color=color, linewidth=2.2, marker="o", label=f"{variant} (mean of {len(seeds)})"
+            )
     ax.set_xlabel("training step")
     ax.set_ylabel("PQ (%)")
-    ax.set_title("validation PQ against training step")
+    ax.set_title("validation PQ against training step (thin: one seed)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
