@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+STORE_FILE = "mlflow.db"
+"""The embedded SQLite store's file in a run directory."""
+
 RUN_ID_FILE = "mlflow_run.json"
 """Written into the run directory: {"tracking_uri", "experiment_id", "run_id"}; a rerun resumes that run."""
 
@@ -59,8 +62,20 @@ def resolve_target(tracking_uri: str | None, run_dir: str | Path) -> TrackingTar
     run_dir = Path(run_dir).resolve()
     if not tracking_uri:
         run_dir.mkdir(parents=True, exist_ok=True)
-        return TrackingTarget(f"sqlite:///{run_dir / 'mlflow.db'}", (run_dir / "mlartifacts").as_uri())
+        return TrackingTarget(f"sqlite:///{run_dir / STORE_FILE}", (run_dir / "mlartifacts").as_uri())
     return TrackingTarget(tracking_uri, None)
+
+
+def existing_store(tracking_uri: str | None, run_dir: str | Path) -> str:
+    """The tracking URI to read from: ``tracking_uri``, else the embedded store of ``run_dir``, which must
+    exist (FileNotFoundError naming it: a reader must not create an empty store)."""
+    store = Path(run_dir) / STORE_FILE
+    if not tracking_uri and not store.is_file():
+        raise FileNotFoundError(
+            f"no tracking store at {store}; run `kmax sweep` (or `kmax demo`) first, or pass --run-dir / "
+            "--tracking-uri"
+        )
+    return resolve_target(tracking_uri, run_dir).tracking_uri
 
 
 def check_tracking_uri(tracking_uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:

@@ -24,7 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.tracking import resolve_target
+from pipeline.sweep.study import default_sweep_dir
+from pipeline.tracking import existing_store
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -120,14 +121,11 @@ def _view(uri: str, sweep: str | None):
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli import fail
 
-    run_dir = Path(args.run_dir or (f"runs/sweeps/{args.sweep}" if args.sweep else DEFAULT_RUN_DIR))
-    if not args.tracking_uri and not (run_dir / "mlflow.db").is_file():
-        return fail("dashboard", f"no tracking store at {run_dir / 'mlflow.db'}; run `kmax demo` or "
-                    "`kmax sweep` first, or pass --run-dir / --tracking-uri")  # fmt: skip
-    uri = resolve_target(args.tracking_uri, run_dir).tracking_uri
+    run_dir = args.run_dir or (default_sweep_dir(args.sweep) if args.sweep else DEFAULT_RUN_DIR)
     try:
+        uri = existing_store(args.tracking_uri, run_dir)
         view = _view(uri, args.sweep)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         return fail("dashboard", exc)
     proc = start_server(uri, args.host, args.port)
     base = f"http://{args.host}:{args.port}"

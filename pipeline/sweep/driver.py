@@ -51,7 +51,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import ExperimentConfig, load_experiment, with_absolute_paths, with_fields
 from pipeline.sweep.asha import AshaConfig
-from pipeline.sweep.study import SEED_PATH, Study, resolve_study, trial_key, variant_name
+from pipeline.sweep.study import SEED_PATH, Study, default_sweep_dir, resolve_study, trial_key, variant_name
 from pipeline.sweep.trial import TrialBook, TrialSpec, close_stopped_trials, run_trial
 from pipeline.train.run_log import open_channel
 
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         asha = AshaConfig(args.grace_evals, args.reduction_factor) if args.asha else None
         fields = {k: v for k, v in run_fields(args).items() if k != "run_dir"}
         base = with_fields(load_experiment(args.config, args.overrides), fields)
-        sweep_dir = args.run_dir or f"runs/sweeps/{study.name}"
+        sweep_dir = args.run_dir or default_sweep_dir(study.name)
         echo = lambda m: print(m, flush=True)  # noqa: E731
         s = run_sweep(
             study, sweep_dir, base, tracking_uri=args.tracking_uri, resume=args.resume,

@@ -65,7 +65,7 @@ from pipeline.sweep.seed_stats import (
     paired_difference,
     verdict,
 )
-from pipeline.sweep.study import Study, variant_name
+from pipeline.sweep.study import Study, default_sweep_dir, variant_name
 from pipeline.sweep.trial import EARLY_STOPPED_TAG, PARAMETERS_METRIC
 
 PQ_KEY = "eval/pq_all"
@@ -642,15 +642,10 @@ def compare(
 ) -> Path:
     """Load the sweep from MLflow, print the tables and verdicts, write and log the report; returns
     report.html. ``reference``: the variant to compare with (default: see the module docstring)."""
-    from pipeline.tracking import resolve_target
+    from pipeline.tracking import existing_store
 
-    run_dir = Path(run_dir or f"runs/sweeps/{sweep}")
-    if not tracking_uri and not (run_dir / "mlflow.db").is_file():
-        raise FileNotFoundError(
-            f"no tracking store at {run_dir / 'mlflow.db'}; pass --run-dir or --tracking-uri"
-        )
-    uri = resolve_target(tracking_uri, run_dir).tracking_uri
-    runs = load_sweep(uri, sweep, reference)
+    run_dir = Path(run_dir or default_sweep_dir(sweep))
+    runs = load_sweep(existing_store(tracking_uri, run_dir), sweep, reference)
     for line in terminal_lines(runs):
         echo(line)
     report = write_report(runs, sweep, run_dir / "report")

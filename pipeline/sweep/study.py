@@ -20,6 +20,11 @@ DEFAULT_STUDY_MODULE = "ablations.studies"
 SEED_PATH = "train.seed"
 
 
+def default_sweep_dir(name: str) -> str:
+    """Where a sweep lives unless ``--run-dir`` says otherwise (its store, trials and report)."""
+    return f"runs/sweeps/{name}"
+
+
 @dataclass(frozen=True)
 class Study:
     """A factorial grid over config fields.
