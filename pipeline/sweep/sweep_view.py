@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pipeline.sweep.report import PQ_KEY, REPORT_ARTIFACT_DIR, sweep_parent
+from pipeline.sweep.report import PQ_KEY, REFERENCE_PARAM, REPORT_ARTIFACT_DIR, SPACE_PARAM, sweep_parent
 from pipeline.sweep.study import SEED_PATH
 from pipeline.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
@@ -100,8 +100,8 @@ def _description(sweep: str, params: dict[str, str], report_path: str | None) ->
     )
     return (
         f"**Sweep `{sweep}`**: {report}. Trials ordered by PQ at their last validation.\n\n"
-        f"{params.get('seeds', '?')} seed(s) per variant of `{params.get('space', '?')}`; "
-        f"reference variant `{params.get('reference', '?')}`; the parent run `{sweep}` holds the report."
+        f"{params.get('seeds', '?')} seed(s) per variant of `{params.get(SPACE_PARAM, '?')}`; "
+        f"reference variant `{params.get(REFERENCE_PARAM, '?')}`; the parent run `{sweep}` holds the report."
     )
 
 
@@ -121,7 +121,7 @@ def save_sweep_view(tracking_uri: str, sweep: str) -> SweepView:
 
     client = MlflowClient(tracking_uri)
     experiment_id, parent = sweep_parent(client, sweep, tracking_uri)
-    swept = list(json.loads(parent.data.params.get("space", "{}")))
+    swept = list(json.loads(parent.data.params.get(SPACE_PARAM, "{}")))
     state = view_state(swept)
     key = share_key(state)
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, REPORT_ARTIFACT_DIR)}
