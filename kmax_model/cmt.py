@@ -84,7 +84,7 @@ from torch import nn
 
 from kmax_model.clustering import cluster_update, coordinate_grid
 from kmax_model.config import CMTConfig, TransformerDecoderConfig
-from kmax_model.cross_attention import CrossAttentionUpdate, multi_head_cross_attention
+from kmax_model.cross_attention import CrossAttentionUpdate
 from kmax_model.layers import ConvNormAct, DropPath, NormFactory, resize_bilinear
 
 COORD_CHANNELS = 2
@@ -230,10 +230,8 @@ class CMTBranches(nn.Module):
     ) -> torch.Tensor:
         """Cross-attention branch [+ clustering branch], each drop-pathed, ``[B, d, N]``."""
         ca = self.cross_attention
-        values = ca.value(pixel).flatten(2)  # B x d x L
-        attended, _ = multi_head_cross_attention(
-            ca.query(centers), ca.key(pixel).flatten(2), values, ca.num_heads, ca.scale
-        )
+        values = ca.value(pixel).flatten(2)  # B x d x L, shared with the clustering branch
+        attended, _ = ca.attend(centers, pixel, values=values)
         delta = self.drop_attention(ca.project(attended.to(centers.dtype)))
         if self.update_proj is None:
             return delta

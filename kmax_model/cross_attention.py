@@ -132,21 +132,25 @@ class CrossAttentionUpdate(nn.Module):
         self.out_proj = ConvNormAct(d, d, norm, 1, dims=1, act=None, gamma_init=0.0)
 
     def attend(
-        self, centers: torch.Tensor, pixel: torch.Tensor, mask_logits: torch.Tensor | None = None
+        self,
+        centers: torch.Tensor,
+        pixel: torch.Tensor,
+        mask_logits: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(O [B, d, N], W [B, h, N, HW])`` in float32 for ``Cb [B, d, N]`` and ``P [B, d, H, W]``."""
+        """``(O [B, d, N], W [B, h, N, HW])`` in float32 for ``Cb [B, d, N]`` and ``P [B, d, H, W]``.
+        ``values``: ``V [B, d, HW]`` already projected by `value` (a caller that also reads them: CMT's
+        clustering branch), else projected here."""
         allowed = None
         if self.masked:
             if mask_logits is None:
                 raise ValueError("decoder.masked_attention needs the layer's mask logits")
             allowed = attention_mask(mask_logits, self.mask_threshold)
+        if values is None:
+            values = self.value(pixel).flatten(2)
+        keys = self.key(pixel).flatten(2)
         return multi_head_cross_attention(
-            self.query(centers),
-            self.key(pixel).flatten(2),
-            self.value(pixel).flatten(2),
-            self.num_heads,
-            self.scale,
-            allowed,
+            self.query(centers), keys, values, self.num_heads, self.scale, allowed
         )
 
     def project(self, attended: torch.Tensor) -> torch.Tensor:
