@@ -136,18 +136,16 @@ class KMaXLayer(nn.Module):
             x = torch.cat([x, coords.to(x.dtype).expand(b, -1, -1, -1)], dim=1)
         p = self.pixel_conv(x)  # B x d x H x W
         cb = self.center_conv(centers)  # B x d x N
+        aux = self.predictor(p, cb, cb)
         assignment, step = None, None
         if self.cmt is not None:
-            aux = self.predictor(p, cb, cb)
             step = self.cmt(cb, p, aux["mask_logits"], previous_logits)
             aux["mask_logits"] = step.logits
             c1 = centers + step.centre_delta
         elif self.cross_attention is not None:
-            aux = self.predictor(p, cb, cb)
             c1 = centers + self.drop_update(self.cross_attention(cb, p, aux["mask_logits"]))
         else:
             values = self.pixel_value(p).flatten(2)  # B x d x HW
-            aux = self.predictor(p, cb, cb)
             assignment = assign_pixels(aux["mask_logits"].flatten(2), self.cfg.assignment)  # B x N x HW
             # Contiguous B x d x N, the layout of bytedance's einsum: the convs below round as theirs do.
             update = cluster_update(assignment, values).transpose(1, 2).contiguous().to(centers.dtype)
