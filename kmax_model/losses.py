@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kmax_model.config_objective import MASK_APPROX_TERMS
+
 SOFTMAX_MASKING_CONSTANT = -99999.0
 """Logit added to pixels that must not be sampled (void), as in deeplab2 / bytedance."""
 
@@ -69,10 +71,15 @@ def pq_dice_loss(
         smooth: additive smoothing (1.0).
     """
     probs = mask_logits.softmax(dim=1) * valid[:, None, :].to(mask_logits.dtype)  # B x N x P
-    intersection = 2.0 * (probs * target_masks).sum(-1) + smooth  # B x N
-    denominator = probs.sum(-1) + target_masks.sum(-1) + smooth  # B x N
-    loss = (1.0 - intersection / denominator) * weights  # B x N
+    loss = _dice_loss(probs, target_masks, smooth) * weights  # B x N
     return (loss.sum(-1) * alpha / mask_logits.shape[1]).mean()
+
+
+def _dice_loss(probs: torch.Tensor, targets: torch.Tensor, smooth: float) -> torch.Tensor:
+    """Per slot ``1 - (2 sum_p m y + s) / (sum_p m + sum_p y + s)`` ``[B, N]`` of ``probs`` and ``targets``
+    ``[B, N, P]`` (void pixels already zeroed where the caller wants them out)."""
+    intersection = 2.0 * (probs * targets).sum(-1) + smooth
+    return 1.0 - intersection / (probs.sum(-1) + targets.sum(-1) + smooth)
 
 
 def mask_id_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -233,15 +240,12 @@ def mask_approximation_loss(
         terms: "dice", "bce" or "dice_bce" (their sum).
         smooth: additive smoothing of the dice (the PQ dice's ``loss.dice_smooth``).
     """
-    if terms not in ("dice", "bce", "dice_bce"):
-        raise ValueError(f"loss.mask_approx_terms must be 'dice', 'bce' or 'dice_bce', got {terms!r}")
+    if terms not in MASK_APPROX_TERMS:
+        raise ValueError(f"loss.mask_approx_terms must be one of {MASK_APPROX_TERMS}, got {terms!r}")
     v = valid[:, None, :].to(reference_logits.dtype)  # B x 1 x P
     loss = reference_logits.new_zeros(reference_logits.shape[:2])  # B x N
     if terms in ("dice", "dice_bce"):
-        probs = reference_logits.sigmoid() * v
-        targets = target_masks * v
-        intersection = 2.0 * (probs * targets).sum(-1) + smooth
-        loss = loss + 1.0 - intersection / (probs.sum(-1) + targets.sum(-1) + smooth)
+        loss = loss + _dice_loss(reference_logits.sigmoid() * v, target_masks * v, smooth)
     if terms in ("bce", "dice_bce"):
         bce = F.binary_cross_entropy_with_logits(reference_logits, target_masks, reduction="none")
         loss = loss + (bce * v).sum(-1) / v.sum(-1).clamp(min=1.0)
