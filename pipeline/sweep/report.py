@@ -592,10 +592,15 @@ def _html_table(md_lines: list[str]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
+def _is_table(lines: list[str]) -> bool:
+    """Whether a section's markdown lines are a table (else a list of sentences)."""
+    return bool(lines) and lines[0].startswith("|")
+
+
 def _markdown(runs: SweepRuns, sweep: str, plots: list[Path]) -> str:
     md = [f"# Sweep `{sweep}`", "", f"Parent run `{runs.parent_run_id}`.", ""]
     for title, lines in report_sections(runs, markdown=True):
-        table = bool(lines) and lines[0].startswith("|")
+        table = _is_table(lines)
         md += [f"## {title}", "", *(lines if table else [f"- {line}" for line in lines]), ""]
     return "\n".join(md + [f"![{p.stem}]({p.name})" for p in plots]) + "\n"
 
@@ -603,7 +608,7 @@ def _markdown(runs: SweepRuns, sweep: str, plots: list[Path]) -> str:
 def _html(runs: SweepRuns, sweep: str, plots: list[Path]) -> str:
     parts = []
     for title, lines in report_sections(runs, markdown=True):
-        table = bool(lines) and lines[0].startswith("|")
+        table = _is_table(lines)
         body = _html_table(lines) if table else "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
         parts.append(f"<h2>{html.escape(title)}</h2>{body}{'' if table else '</ul>'}")
     imgs = "".join(
