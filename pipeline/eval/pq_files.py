@@ -5,19 +5,32 @@ annotation order (as the official ``pq_compute``), decoding PNG ids (``R + 256 G
 `pipeline.data.panoptic.png_segment_ids`) and feeding `pq_image_stats`, in parallel processes (this one and
 fork-server workers) that each take a contiguous slice of the images. Errors name the image id and the PNG
 file.
+
+`pq_compute_files` may be called any way Python runs code: a script with or without the
+``if __name__ == "__main__":`` guard, ``python -c``, ``python -`` (stdin), a notebook, a daemonic process,
+an atexit handler. Every worker process re-imports the caller's ``__main__`` module while it starts
+(multiprocessing's spawn preparation, which forkserver workers go through too), so workers start only where
+that re-import is harmless (`_serial_reason`); elsewhere, and when they fail to start or die, this process
+computes every image itself and says why in one RuntimeWarning. The result is the same bit for bit either way.
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import multiprocessing
 import operator
 import os
+import sys
+import tokenize
+import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -196,11 +209,134 @@ def _start_context() -> multiprocessing.context.BaseContext:
     """The START_METHOD context, with this module preloaded into the fork server (kept: ``__main__``).
 
     The preload only takes effect if the process's (shared) fork server is not running yet; otherwise the
-    workers import this module themselves, which is slower but gives the same results.
+    workers import this module themselves, which is slower but gives the same results. Preloading
+    ``__main__`` is safe because workers start only where `_serial_reason` found re-importing it harmless;
+    it saves each worker that re-import where CPython has the gh-126631 fix (3.13 and 3.14 updates); older
+    fork servers never receive main's path (measured on 3.11.7), so there each worker re-imports it.
     """
     ctx = multiprocessing.get_context(START_METHOD)
     ctx.set_forkserver_preload(["__main__", __name__])
     return ctx
+
+
+def _main_file_workers_run(main: ModuleType | None) -> str | None:
+    """The file every worker runs as ``__mp_main__`` while it starts (multiprocessing.spawn.prepare), or None.
+
+    None where workers import nothing of ``__main__``: it has no ``__file__`` (``python -c``, a REPL, a
+    notebook kernel's user module) or is a package's ``__main__`` (``python -m package``).
+    """
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if name == "__main__" or name.endswith(".__main__"):
+        return None
+    return getattr(main, "__file__", None)
+
+
+def _main_top_level_line(main: ModuleType, path: str) -> int | None:
+    """The line of ``path`` that ``__main__``'s top-level code is executing, in any thread, or None.
+
+    None once that code has finished (an atexit handler, a thread outliving it). Frames that run other code
+    in main's namespace (``python -i`` input, ``exec`` of a cell) are passed over for the file's own frame.
+    """
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "<module>" and code.co_filename == path and frame.f_globals is vars(main):
+                return frame.f_lineno
+            frame = frame.f_back
+    return None
+
+
+def _in_main_guard(tree: ast.Module, line: int) -> bool:
+    """Whether ``line`` lies in the body of an ``if __name__ == "__main__":`` block of ``tree``."""
+    guards = ('__name__ == "__main__"', '"__main__" == __name__')
+    return any(
+        isinstance(node, ast.If)
+        and ast.unparse(node.test).replace("'", '"') in guards
+        and any(stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno) for stmt in node.body)
+        for node in ast.walk(tree)
+    )
+
+
+def _serial_reason() -> str | None:
+    """Why worker processes cannot be started safely from the current call, or None when they can.
+
+    Unsafe: a daemonic process (multiprocessing refuses it children); a ``__main__`` file workers would
+    re-run but cannot read (``python -``: ``<stdin>``), as each worker would die starting; a call from
+    ``__main__``'s top-level code outside the ``if __name__ == "__main__":`` guard, as each worker would
+    re-run the caller's script up to this call and die there. A guarded call, and code of a ``__main__``
+    without a file, are safe: workers re-run only main's unguarded top level, or nothing of it.
+    """
+    if multiprocessing.current_process().daemon:
+        return "this process is daemonic (e.g. a multiprocessing.Pool worker) and may not start processes"
+    main = sys.modules.get("__main__")
+    path = _main_file_workers_run(main)
+    if main is None or path is None:
+        return None
+    try:
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):  # ValueError: undecodable or NUL bytes (a .pyc)
+        return f"worker processes would re-run __main__ from {path}, which is not a readable Python file"
+    line = _main_top_level_line(main, path)
+    if line is None or _in_main_guard(tree, line):
+        return None
+    return (
+        f"worker processes would re-run {path} up to this call (line {line}), which is outside an"
+        ' `if __name__ == "__main__":` block'
+    )
+
+
+def _serial_stats(
+    pairs: Sequence[FilePair], categories: Mapping[int, Category], reason: str | None = None
+) -> list[ImagePQStats]:
+    """The statistics of every pair computed in this process; a ``reason`` is first warned about."""
+    if reason is not None:
+        # stacklevel 4: this function, pairs_stats, pq_compute_files, its caller
+        warnings.warn(f"pq_compute_files computes serially: {reason}", RuntimeWarning, stacklevel=4)
+    return [file_pair_stats(p, categories) for p in pairs]
+
+
+def _submit_slices(
+    executor: ProcessPoolExecutor, parts: Sequence[Sequence[FilePair]], categories: Mapping[int, Category]
+) -> list[Future]:
+    """One future per slice. Submitting starts the worker processes, so any failure to start them (an atexit
+    handler: the executor refuses after interpreter shutdown; a fork server that cannot start) is raised as
+    BrokenProcessPool, which pairs_stats answers by computing serially."""
+    try:
+        return [executor.submit(_slice_stats, part, categories) for part in parts]
+    except (OSError, EOFError, RuntimeError) as exc:  # BrokenProcessPool is a RuntimeError
+        message = " ".join(str(exc).split())  # one line: some of these messages span several
+        raise BrokenProcessPool(f"they could not start ({type(exc).__name__}: {message})") from exc
+
+
+def _parallel_stats(
+    pairs: Sequence[FilePair], categories: Mapping[int, Category], processes: int
+) -> list[ImagePQStats]:
+    """The statistics of every pair by ``processes`` processes (this one and ``processes - 1`` workers).
+
+    Raises BrokenProcessPool when a worker cannot start or dies, and the first bad image's PQInputError.
+    """
+    first, *rest = [pairs[a:b] for a, b in chunk_bounds(len(pairs), processes)]
+    # An executor rather than multiprocessing.Pool: a worker killed (e.g. out of memory) raises
+    # BrokenProcessPool here, where a Pool would wait for its result forever.
+    executor = ProcessPoolExecutor(len(rest), mp_context=_start_context(), initializer=_tune_worker_malloc)
+    try:
+        futures = _submit_slices(executor, rest, categories)
+        parts = [_slice_stats(first, categories), *(f.result() for f in futures)]
+    except BaseException:
+        # After an error, do not wait for the other slices (running ones finish in the background).
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    # Every slice is in, so waiting costs only the idle workers' exit. An executor still shutting down when
+    # the interpreter exits races CPython 3.11's exit hook, which then prints "Exception ignored ... Bad file
+    # descriptor" (seen once in about 40 runs of a script on 3.11.7).
+    executor.shutdown(wait=True)
+    stats: list[ImagePQStats] = []
+    for part in parts:  # in slice order, so the first error met is the first bad image
+        if isinstance(part, PQInputError):
+            raise part
+        stats.extend(part)
+    return stats
 
 
 def pairs_stats(
@@ -210,28 +346,21 @@ def pairs_stats(
 
     Each process takes one contiguous slice (``np.array_split`` bounds, as the official tool); this process
     computes the first slice itself while ``workers - 1`` worker processes compute the others (one process
-    start fewer, and its warm heap). A PQInputError is raised for the first bad image in pair order, i.e. the
-    one the serial loop would stop at, with the serial message and no pool traceback attached.
+    start fewer, and its warm heap). Where workers cannot start safely (`_serial_reason`), cannot start at all
+    or die, this process computes every pair itself after one RuntimeWarning naming why: the same result. A
+    PQInputError is raised for the first bad image in pair order, i.e. the one the serial loop would stop
+    at, with the serial message and no pool traceback attached.
     """
     processes = min(workers, len(pairs))
     if processes <= 1:
-        return [file_pair_stats(p, categories) for p in pairs]
-    first, *rest = [pairs[a:b] for a, b in chunk_bounds(len(pairs), processes)]
-    # An executor rather than multiprocessing.Pool: a worker killed (e.g. out of memory) raises
-    # BrokenProcessPool here, where a Pool would wait for its result forever.
-    executor = ProcessPoolExecutor(len(rest), mp_context=_start_context(), initializer=_tune_worker_malloc)
+        return _serial_stats(pairs, categories)
+    reason = _serial_reason()
+    if reason is not None:
+        return _serial_stats(pairs, categories, reason)
     try:
-        futures = [executor.submit(_slice_stats, part, categories) for part in rest]
-        stats: list[ImagePQStats] = []
-        # in slice order, so the first error met is the first bad image
-        for part in [_slice_stats(first, categories), *(f.result() for f in futures)]:
-            if isinstance(part, PQInputError):
-                raise part
-            stats.extend(part)
-    finally:
-        # After an error, do not wait for the other slices (running ones finish in the background).
-        executor.shutdown(wait=False, cancel_futures=True)
-    return stats
+        return _parallel_stats(pairs, categories, processes)
+    except BrokenProcessPool as exc:
+        return _serial_stats(pairs, categories, f"its worker processes failed: {exc}")
 
 
 def pq_compute_files(
@@ -251,8 +380,11 @@ def pq_compute_files(
             on this machine). Only the last bits of pq/sq depend on it.
         workers: processes that decode and compute the per-image statistics (None: ``os.cpu_count()``;
             1: this process, no pool), each on a contiguous slice of the images. The result does not
-            depend on it: the integer statistics are reduced in image order whatever computed them. Scripts
-            calling this with workers > 1 need the usual ``if __name__ == "__main__":`` guard.
+            depend on it: the integer statistics are reduced in image order whatever computed them. Any
+            caller works, guard or not: where worker processes cannot start safely (a script calling this
+            outside its ``if __name__ == "__main__":`` block, ``python -`` on stdin, a daemonic process) or
+            fail, this process computes every image, after one RuntimeWarning that names why. Worker
+            processes never run the caller's code beyond what multiprocessing's guard idiom allows.
 
     Returns:
         The official result dict (see `pipeline.eval.pq.reduce_pq_stats`); per_class keys are int category
