@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("pipeline.sweep.driver", "run an ablation study as a Ray Tune sweep"),
     "compare": ("pipeline.sweep.report", "write the comparison report of a sweep from MLflow"),
     "dashboard": ("pipeline.sweep.dashboard", "serve the MLflow UI over the project's tracking store"),
+    "tracking-server": ("pipeline.tracking_server", "the cluster's MLflow server: PostgreSQL, logins"),
     "demo": ("pipeline.sweep.demo", "synthetic data -> prepare -> assignment study -> comparison report"),
 }
 
@@ -92,13 +93,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.ray_setup import QUIET_ENV
+    from pipeline.ray_setup import QUIET_ENV, RayJoinError
 
     for key, value in QUIET_ENV.items():  # before anything imports mlflow or ray
         os.environ.setdefault(key, value)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(_load(args.command).run(args) or 0)
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except RayJoinError as exc:  # every command that joins a cluster: one line, before any work there
+        return fail(args.command, exc)
 
 
 if __name__ == "__main__":

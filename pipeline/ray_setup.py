@@ -1,9 +1,18 @@
-"""Starting or joining Ray quietly, the same way for every command and test.
+"""Starting or joining Ray quietly and authenticated, the same way for every command and test.
 
-Ray's defaults are loud (token-auth banners, progress bars, per-worker print patching). The
-environment variables below must be set before `ray.init` so they reach every worker process
-(DataContext settings made in the driver do not reach datasets built inside Tune trials; see
-shared/docs/reference_ray_mlflow.md §7).
+Ray's defaults are loud (progress bars, per-worker print patching). The environment variables below must be
+set before `ray.init` so they reach every worker process (DataContext settings made in the driver do not
+reach datasets built inside Tune trials; see shared/docs/reference_ray_mlflow.md §7).
+
+Authentication (`choose_auth_mode`): Ray's token authentication stays on wherever it is on. Ray 2.60 turns
+it on for a new local instance when ``RAY_AUTH_MODE`` is unset (with a banner), but when a driver joins a
+cluster at an explicit address it never does, even with the cluster's token at hand
+(``ray/_private/worker.py``: only ``address in (None, "auto")`` calls
+``maybe_enable_token_auth_if_token_available``), so ``kmax train --set ray.address=HOST:6379`` failed
+against a ``RAY_AUTH_MODE=token`` cluster after 20 s of retries. Here the mode is made explicit (which is
+also what silences the banner): ``token`` for a local instance and for a cluster whose token is in one of
+Ray's standard places; a cluster that then refuses the client is reported in one line (`RayJoinError`).
+The user's own ``RAY_AUTH_MODE`` is always kept.
 """
 
 from __future__ import annotations
@@ -12,10 +21,12 @@ import dataclasses
 import logging
 import math
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 QUIET_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "1",
@@ -45,6 +56,17 @@ workers, Ray Data never schedules and the run hangs (shared/docs/reference_ray_m
 
 MLFLOW_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
 """Variables MLflow exports into os.environ; they must not leak into Ray workers."""
+
+AUTH_MODE_VAR = "RAY_AUTH_MODE"
+TOKEN_VAR, TOKEN_PATH_VAR = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+"""Ray's own places for a cluster's token, in its order of precedence (docs.ray.io, ray-security/token-auth:
+"What token does Ray use?")."""
+TOKEN_PLACES = f"{TOKEN_VAR}, a file named by {TOKEN_PATH_VAR}, or {DEFAULT_TOKEN_FILE}"
+
+
+class RayJoinError(ConnectionError):
+    """The Ray cluster refused this client; the message is one line saying where the token goes."""
 
 
 @dataclass
@@ -109,6 +131,7 @@ def init_ray(cfg: RayConfig | None = None):
         _quiet_ray_data()
         return ray
     quiet_environment()
+    choose_auth_mode(cfg.address)
     level = logging.INFO if cfg.verbose else logging.ERROR
     if cfg.address in (None, "local"):
         ray.init(
@@ -124,9 +147,83 @@ def init_ray(cfg: RayConfig | None = None):
             configure_logging=True,
         )
     else:
+        check_cluster_admits(cfg.address)
         ray.init(address=cfg.address, logging_level=level, log_to_driver=cfg.verbose)
     _quiet_ray_data()
     return ray
+
+
+def token_available() -> bool:
+    """Whether a Ray token is in one of Ray's standard places (`TOKEN_PLACES`)."""
+    if os.environ.get(TOKEN_VAR):
+        return True
+    path = os.environ.get(TOKEN_PATH_VAR) or DEFAULT_TOKEN_FILE.expanduser()
+    return Path(path).is_file()
+
+
+def use_token_auth() -> None:
+    """Token authentication for this process and the processes it starts (a local instance's raylet and
+    workers inherit it). RayConfig caches the mode once Ray is imported, hence the re-initialisation (what
+    Ray's own ``_enable_token_auth`` does)."""
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE_VAR] = "token"
+    Config.initialize("")
+
+
+def choose_auth_mode(address: str | None) -> None:
+    """Make Ray's authentication mode explicit unless the user set it: ``token`` for a new local instance
+    (Ray's own default there, which then creates ``~/.ray/auth_token`` if absent) and for a cluster whose
+    token is at hand. With no token, joining a cluster leaves the mode unset: an open cluster admits the
+    client (and Ray warns that it is open), one with authentication refuses it (`check_cluster_admits`)."""
+    if os.environ.get(AUTH_MODE_VAR):
+        return
+    if address in (None, "local") or token_available():
+        use_token_auth()
+
+
+def check_cluster_admits(address: str) -> None:
+    """Raise `RayJoinError` in one line when the cluster at ``address`` refuses this client's token (or its
+    lack of one), within a second instead of ray.init's 20 s of retries and traceback. A Ray Client
+    address (``ray://``) is left to Ray."""
+    if address.startswith("ray://"):
+        return
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    gcs_address = canonicalize_bootstrap_address_or_die(address)
+    try:
+        with _stderr_silenced():  # the GCS client logs each refused attempt from C++ on fd 2
+            GcsClient(address=gcs_address)
+    except AuthenticationError:
+        raise RayJoinError(
+            f"the Ray cluster at {address} refused this client ({_token_held()}): it runs with token "
+            "authentication; "
+            f"put the cluster's token (`ray get-auth-token` on its head) in {TOKEN_PLACES}"
+        ) from None
+
+
+def _token_held() -> str:
+    """What this client offered the cluster, for `check_cluster_admits`' message."""
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode == "token":
+        return "the token found here is not the cluster's"
+    return f"{AUTH_MODE_VAR}={mode} here" if mode else "no token was found here"
+
+
+@contextmanager
+def _stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _quiet_ray_data() -> None:

@@ -146,11 +146,17 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
 
 
-def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for nodes and drivers: this process's, without RAY_ADDRESS (which would point a
-    driver elsewhere), token auth off (§7 of the Ray brief), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
+def node_env(extra: dict[str, str] | None = None, *, node: bool = False) -> dict[str, str]:
+    """The environment for drivers, or with `node` for `ray start`: this process's, without RAY_ADDRESS
+    (which would point a driver elsewhere), plus `extra`.
+
+    The token is where tests/conftest.py put it (RAY_AUTH_TOKEN_PATH, one of Ray's standard places). A
+    node runs with token authentication on (RAY_AUTH_MODE=token, as cluster.yaml starts every node); a
+    driver gets no RAY_AUTH_MODE, as a user's shell has none: `kmax` must find its way in with the token
+    alone (pipeline.ray_setup.choose_auth_mode)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    if node:
+        env["RAY_AUTH_MODE"] = "token"
     env.update(extra or {})
     return env
 
@@ -366,7 +372,7 @@ class TwoNodeCluster:
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.port, self.dashboard_port = free_ports(2)
         # RAY_ADDRESS on the nodes: see the module docstring (the State API inside the cluster).
-        self.env = node_env({"RAY_ADDRESS": self.address, **(env or {})})
+        self.env = node_env({"RAY_ADDRESS": self.address, **(env or {})}, node=True)
         self.include_dashboard = include_dashboard
         self.object_store_bytes = object_store_bytes
         self.head: RayNode | None = None
@@ -480,9 +486,13 @@ class TwoNodeCluster:
             self.wait_for_nodes(1)
 
     def alive_nodes(self) -> list[NodeInfo]:
-        """The nodes the GCS reports alive (asked directly, not through a driver)."""
+        """The nodes the GCS reports alive (asked directly, not through a driver; with the session token)."""
         from ray._raylet import GcsClient
         from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        from pipeline.ray_setup import use_token_auth
+
+        use_token_auth()
 
         infos = GcsClient(address=self.address).get_all_node_info(timeout=10).values()
         return [
@@ -573,8 +583,11 @@ def _driver_main(address: str, target: str) -> None:
     import importlib
     import logging
 
+    from pipeline.ray_setup import choose_auth_mode
+
     module, _, name = target.partition(":")
     func = getattr(importlib.import_module(module), name)
+    choose_auth_mode(address)  # as `kmax` does: a plain ray.init never turns token auth on for an address
     ray.init(address=address, logging_level=logging.ERROR)
     try:
         result = func(*json.loads(sys.argv[1]))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -13,6 +16,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KMAX_SHARED_DIR", REPO.parent / "shared"))
 TEST_ARTIFACTS = REPO / "test-artifacts"
+
+
+def _session_ray_token() -> Path:
+    """One Ray token for every Ray of the test session (the local session instance, the separate-node
+    clusters of tests/cluster_nodes.py, the `kmax` subprocesses), in a 0600 file named by
+    RAY_AUTH_TOKEN_PATH: one of Ray's standard places, as a cluster's secret would be put on each machine.
+    A user's own token variables are dropped so that the suite neither uses nor writes ~/.ray/auth_token,
+    and no RAY_AUTH_MODE is set: `kmax` must find the mode itself (pipeline.ray_setup.choose_auth_mode)."""
+    fd, name = tempfile.mkstemp(prefix="kmax-test-ray-token-")
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    atexit.register(os.unlink, name)
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        os.environ.pop(key, None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = name
+    return Path(name)
+
+
+RAY_TOKEN_FILE = _session_ray_token()
 
 
 def shared_path(*parts: str) -> Path:

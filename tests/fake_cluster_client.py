@@ -30,6 +30,9 @@ def alive_nodes(ray) -> list[dict]:
 def main(address: str, task_timeout_s: float) -> int:
     import ray
 
+    from pipeline.ray_setup import choose_auth_mode
+
+    choose_auth_mode(address)  # the cluster runs with token authentication, as cluster.yaml starts it
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
 

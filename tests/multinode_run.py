@@ -20,11 +20,12 @@ themselves, pipeline.train.batches: no read task needs a CPU of its own)."""
 def main(data_dir: str, run_dir: str, out: str) -> int:
     from ray.cluster_utils import Cluster
 
-    from pipeline.ray_setup import RayConfig, init_ray, quiet_environment
+    from pipeline.ray_setup import RayConfig, init_ray, quiet_environment, use_token_auth
     from pipeline.train.driver import fit
     from tests.train_helpers import metric_steps, tiny_config
 
     quiet_environment()
+    use_token_auth()  # both nodes with token authentication on, as cluster.yaml starts them
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS})
     try:
         cluster.add_node(num_cpus=NODE_CPUS)

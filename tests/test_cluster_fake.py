@@ -198,7 +198,7 @@ def fake_cluster(tmp_path):
     # ray_current_cluster, which must not point a later bare ray.init() at this cluster.
     temp_dir = Path(tempfile.mkdtemp(prefix="kmax-fake-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="disabled")
+    env.update(RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="token")  # the session token: tests/conftest.py
     head_log = tmp_path / "head.log"
     cmd = [
         str(RAY_CLI),
@@ -235,8 +235,8 @@ def fake_cluster(tmp_path):
 def run_client(cluster: FakeCluster, out_dir: Path) -> tuple[int | None, Path, Path]:
     """Run tests/fake_cluster_client.py; stop waiting early if the head dies. Returns (rc, stdout, stderr)."""
     out, err = out_dir / "client.out", out_dir / "client.err"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_FAKE_CLUSTER")}
-    env["RAY_AUTH_MODE"] = "disabled"
+    dropped = ("RAY_ADDRESS", "RAY_FAKE_CLUSTER", "RAY_AUTH_MODE")  # the client finds the mode itself
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     with out.open("w") as fo, err.open("w") as fe:
         client = subprocess.Popen(
             [sys.executable, str(CLIENT), cluster.address, str(TASK_TIMEOUT_S)], stdout=fo, stderr=fe, env=env

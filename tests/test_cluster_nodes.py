@@ -9,6 +9,8 @@
 * pyarrow's S3 filesystem reaches the moto server on 127.0.0.1, from the test process and from a task on
   the worker node (whose environment came from the node).
 * The MLflow server answers /health, stops, and comes back on the same port with its runs.
+* Both nodes run with Ray's token authentication: `kmax` joins with the token from each of Ray's standard
+  places and no other variable; a client without the token, or with another, is refused in one line.
 
 One cluster serves the Ray tests of this module (a start costs 8-25 s on the 2-core machine); the test
 that kills its worker node runs last. Drivers run in subprocesses (`run_driver`), never in the pytest
@@ -18,6 +20,9 @@ process, which may hold the session Ray; the driver functions below are what tho
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,11 +31,13 @@ import pytest
 
 from tests.cluster_nodes import (
     HEAD_RESOURCE,
+    REPO,
     WORKER_RESOURCE,
     S3Server,
     TwoNodeCluster,
     mlflow_server,  # noqa: F401  (fixture)
     namespace_processes,
+    node_env,
     require_namespaces,
     run_driver,
 )
@@ -200,6 +207,71 @@ def test_s3_through_moto_from_test_process_and_worker_node(cluster, s3):
     assert out["result"] == "from the test process", out
     with fs.open_input_stream(f"{s3.bucket}/from-worker.txt") as f:
         assert f.read() == b"from the worker node"
+
+
+JOIN_CODE = (
+    "import sys; from pipeline.ray_setup import RayConfig, init_ray; "
+    "ray = init_ray(RayConfig(address=sys.argv[1])); "
+    "print(sorted(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+)
+"""A driver that joins through `kmax`'s own path and prints the alive node ids."""
+
+
+def _without_token(home: Path, **extra: str) -> dict[str, str]:
+    """A driver's environment with none of Ray's token places filled (HOME without ~/.ray), plus `extra`."""
+    env = node_env({"HOME": str(home), **extra})
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    return env
+
+
+@pytest.mark.parametrize("place", ["RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"])
+def test_kmax_joins_with_the_token_from_each_standard_place(cluster, tmp_path, place):
+    """No RAY_AUTH_MODE and no kmax variable: the token alone, where Ray looks for it, is enough."""
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text()
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    if place == "~/.ray/auth_token":
+        (home / ".ray" / "auth_token").write_text(token)
+    extra = {"RAY_AUTH_TOKEN": token} if place == "RAY_AUTH_TOKEN" else {}
+    env = _without_token(home, **extra)
+    if place == "RAY_AUTH_TOKEN_PATH":
+        env["RAY_AUTH_TOKEN_PATH"] = os.environ["RAY_AUTH_TOKEN_PATH"]
+
+    done = subprocess.run(
+        [sys.executable, "-c", JOIN_CODE, cluster.address], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(sorted(n.node_id for n in cluster.alive_nodes())), done.stdout
+    assert "Token authentication" not in done.stderr  # no banner: the mode was made explicit
+
+
+@pytest.mark.parametrize("offered", ["none", "another"])
+def test_a_client_without_the_cluster_token_is_refused_in_one_line(cluster, tmp_path, offered):
+    """`kmax train` against the cluster with no token, or another cluster's: exit 2, one line saying where
+    the token goes, within seconds (ray.init alone retried for 20 s and ended in a traceback)."""
+    extra = {"RAY_AUTH_TOKEN": "0" * 64} if offered == "another" else {}
+    argv = ["train", "--config", "tiny", "--run-dir", str(tmp_path / "run"),
+            "--set", f"ray.address={cluster.address}"]  # fmt: skip
+    t0 = time.monotonic()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv], env=_without_token(tmp_path, **extra), cwd=REPO,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    seconds = time.monotonic() - t0
+    err = done.stderr.strip().splitlines()
+    held = "no token was found here" if offered == "none" else "the token found here is not the cluster's"
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert err == [
+        f"kmax train: the Ray cluster at {cluster.address} refused this client ({held}): it runs with token "
+        "authentication; put the cluster's token (`ray get-auth-token` on its head) in RAY_AUTH_TOKEN, a "
+        "file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+    ], err
+    assert seconds < 30, f"refused after {seconds:.1f} s"
+    assert not (tmp_path / "run" / "data").exists()  # nothing was generated: refused before any work
 
 
 def test_kill_and_restart_worker_node(cluster):
