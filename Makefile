@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser test demo bench lint dashboard overfit-coco clean
+.PHONY: install browser postgres test demo bench lint dashboard overfit-coco clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) browser
+# PostgreSQL's server for the tracking database tests (Debian's package; needs root or sudo). Debian keeps it
+# off PATH (/usr/lib/postgresql/<major>/bin, where tests/cluster_nodes.py looks); the tests start their own
+# server, so the package's default cluster is not created.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO mkdir -p /etc/postgresql-common/createcluster.d && \
+	  echo 'create_main_cluster = false' | $$SUDO tee /etc/postgresql-common/createcluster.d/kmax.conf >/dev/null && \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+test: $(STAMP) browser postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

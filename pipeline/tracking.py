@@ -2,7 +2,10 @@
 
 Embedded default: a SQLite store ``<run_dir>/mlflow.db`` and the artifact folder ``<run_dir>/mlartifacts``.
 Any tracking URI can be given instead (an MLflow server ``http://host:port``, another database); a
-server is probed before any compute is spent, and an unreachable one is a clear error.
+server is probed before any compute is spent, and an unreachable one is a clear error. A server behind
+MLflow's login (the cluster's, pipeline.tracking_server) is logged into with MLflow's standard
+credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or ~/.mlflow/credentials); the probe
+logs in too, so refused credentials are one line before any compute, not MLflow's retries and traceback.
 
 Why a client and explicit ids: ``mlflow.set_tracking_uri`` / ``set_experiment`` export
 ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_ID`` into ``os.environ``, which Ray workers inherit
@@ -17,8 +20,10 @@ drops re-logged values at or below it. A run resumed from a checkpoint at step `
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -78,8 +83,61 @@ def existing_store(tracking_uri: str | None, run_dir: str | Path) -> str:
     return resolve_target(tracking_uri, run_dir).tracking_uri
 
 
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""MLflow's standard client credentials (basic auth; MLflow also reads them from ~/.mlflow/credentials)."""
+TOKEN_VARIABLE = "MLFLOW_TRACKING_TOKEN"
+AUTH_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+"""A read every user of a basic-auth server may make (MLflow's default permission is READ); /health
+answers without credentials, so it cannot tell a refused login."""
+
+
+def credential_env() -> dict[str, str]:
+    """The MLflow client credentials of this process, as environment variables: what a process on another
+    node (a sweep's trial) must be given to log as this user. Ray workers there do not inherit the
+    driver's environment, and ~/.mlflow/credentials is this machine's file."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    found = dict(zip(CREDENTIAL_VARIABLES, (creds.username, creds.password)))
+    found[TOKEN_VARIABLE] = os.environ.get(TOKEN_VARIABLE)
+    return {k: v for k, v in found.items() if v}
+
+
+def _auth_header(env: dict[str, str]) -> dict[str, str]:
+    user, password = (env.get(k) for k in CREDENTIAL_VARIABLES)
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if env.get(TOKEN_VARIABLE):
+        return {"Authorization": f"Bearer {env[TOKEN_VARIABLE]}"}
+    return {}
+
+
+def _check_login(tracking_uri: str, timeout_s: float) -> None:
+    """TrackingError (one line naming the credential variables) when the server refuses this process's
+    credentials (HTTP 401 or 403) on an authenticated read."""
+    env = credential_env()
+    request = urllib.request.Request(tracking_uri.rstrip("/") + AUTH_PROBE_PATH, headers=_auth_header(env))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return  # not a login problem: the client reports it where it happens
+        if not _auth_header(env):
+            raise TrackingError(
+                f"MLflow server {tracking_uri} requires a login (HTTP {exc.code}): set "
+                f"{' and '.join(CREDENTIAL_VARIABLES)} to a user of that server"
+            ) from None
+        user = env.get(CREDENTIAL_VARIABLES[0], "the token's user")
+        raise TrackingError(
+            f"MLflow server {tracking_uri} refused user {user} (HTTP {exc.code}): check "
+            f"{' and '.join(CREDENTIAL_VARIABLES)} (or {TOKEN_VARIABLE})"
+        ) from None
+
+
 def check_tracking_uri(tracking_uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
-    """Fail fast: probe an http(s) server's ``/health``; check a SQLite file's directory is writable."""
+    """Fail fast: probe an http(s) server's ``/health``, then log in to it with this process's MLflow
+    credentials (`CREDENTIAL_VARIABLES`); check a SQLite file's directory is writable."""
     if tracking_uri.startswith(("http://", "https://")):
         url = tracking_uri.rstrip("/") + "/health"
         try:
@@ -93,6 +151,7 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = SERVER_PROBE_TIMEOU
                 f"MLflow tracking server {tracking_uri} is unreachable ({exc}); start it or pass another "
                 "--tracking-uri (leave it out for the embedded SQLite store in the run directory)"
             ) from exc
+        _check_login(tracking_uri, timeout_s)
     elif tracking_uri.startswith("sqlite:///"):
         parent = Path(tracking_uri[len("sqlite:///") :]).parent
         try:
@@ -105,6 +164,20 @@ def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)
+
+
+def _run_exists(client, run_id: str) -> bool:
+    """Whether the store holds ``run_id``; any other failure (unreachable, refused) propagates, so that
+    it can never be mistaken for a missing run and duplicated."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def get_or_create_experiment(target: TrackingTarget, name: str) -> str:
@@ -125,22 +198,29 @@ def start_or_resume_run(
 ) -> tuple[str, bool]:
     """The MLflow run of the run at ``location`` (a path or a storage URI, pipeline.storage): the one
     recorded in ``location/mlflow_run.json`` when it exists in this store (resumed; marked RUNNING again),
-    else a new run recorded there. Returns (run_id, resumed)."""
+    else a new run recorded there. Returns (run_id, resumed).
+
+    The run is looked up by its id, not by the recorded URI: a store outlives the address it was reached
+    at (a cluster's database-backed server on a replaced head answers at the new head's address), and a
+    run id (a random UUID) found in a store is that run. The record then gets the new URI. A recorded URI
+    equal to this one whose store lacks the run is a TrackingError (the store was replaced or emptied)."""
     from pipeline import storage
 
     client = _client(target.tracking_uri)
     record = storage.join(str(location), RUN_ID_FILE)
     if storage.is_file(record):
         saved = json.loads(storage.read_text(record))
-        if saved.get("tracking_uri") == target.tracking_uri:
-            try:
-                client.get_run(saved["run_id"])
-            except Exception as exc:
-                raise TrackingError(
-                    f"{record} names MLflow run {saved['run_id']}, which is not in {target.tracking_uri}"
-                ) from exc
+        same_uri = saved.get("tracking_uri") == target.tracking_uri
+        if _run_exists(client, saved["run_id"]):
             client.update_run(saved["run_id"], status="RUNNING")
+            if not same_uri:
+                moved = {**saved, "tracking_uri": target.tracking_uri}
+                storage.write_text(record, json.dumps(moved, indent=1))
             return saved["run_id"], True
+        if same_uri:
+            raise TrackingError(
+                f"{record} names MLflow run {saved['run_id']}, which is not in {target.tracking_uri}"
+            )
     exp_id = get_or_create_experiment(target, experiment_name)
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
     saved = {"tracking_uri": target.tracking_uri, "experiment_id": exp_id, "run_id": run.info.run_id}

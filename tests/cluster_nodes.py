@@ -91,6 +91,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -618,15 +619,27 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str) -> None:
 
 @dataclass
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1: SQLite backend ``<root>/mlflow.db``, artifacts served by the
-    server from ``<root>/artifacts`` (clients on any node upload over HTTP, no shared disk needed).
+    """A real `mlflow server` on 127.0.0.1, artifacts served by the server (clients on any node upload over
+    HTTP, no shared disk needed) to `artifacts` (default ``<root>/artifacts``; an ``s3://`` URI with `env`
+    holding the S3 server's settings).
 
-    The port is chosen once: `stop` then `start` brings the same store back at the same `uri`.
+    Without `auth`: no logins, the store in `backend` (default: SQLite ``<root>/mlflow.db``). With
+    ``auth=(admin, password)`` it is the cluster's server, started the product's way (`kmax
+    tracking-server`, pipeline.tracking_server): MLflow's basic-auth app, its metadata and users in
+    `backend` (a database URI such as `PostgresServer.uri`; None: the ephemeral SQLite store, opted in
+    explicitly), the admin created with that password on the first start; `client_env` logs in as it.
+
+    The port is chosen once: `stop` then `start` brings the same store back at the same `uri`; a new
+    server on the same `backend` (a replaced head) gets a port of its own.
     """
 
     root: Path
     port: int = field(default_factory=lambda: free_ports(1)[0])
     proc: subprocess.Popen | None = None
+    backend: str | None = None
+    auth: tuple[str, str] | None = None
+    artifacts: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -634,25 +647,42 @@ class MlflowServer:
 
     @property
     def backend_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.backend or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """MLflow's standard client credentials of the admin (empty without `auth`)."""
+        if self.auth is None:
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": self.auth[0], "MLFLOW_TRACKING_PASSWORD": self.auth[1]}
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        from pipeline.tracking_server import server_command, server_env
+
+        artifacts = self.artifacts or str(self.root / "artifacts")
+        if self.auth is None:
+            cmd = server_command(self.backend_uri, HOST, self.port)
+            return [*cmd, "--artifacts-destination", artifacts], server_env(self.env)
+        cmd = [sys.executable, "-m", "pipeline.cli", "tracking-server", "--host", HOST,
+               "--port", str(self.port), "--workers", "1", "--state-dir", str(self.root / "state"),
+               "--artifacts-destination", artifacts]  # fmt: skip
+        admin = {"MLFLOW_AUTH_ADMIN_USERNAME": self.auth[0], "MLFLOW_AUTH_ADMIN_PASSWORD": self.auth[1]}
+        if self.backend is None:
+            cmd.append("--ephemeral")
+        else:
+            admin["KMAX_TRACKING_DB"] = self.backend
+        return cmd, server_env({**self.env, **admin})
 
     def start(self) -> MlflowServer:
         """Start the server and wait for /health (raises RuntimeError with its log tail)."""
-        from pipeline.sweep.dashboard import server_command
-
         assert self.proc is None or self.proc.poll() is not None, "the server is already running"
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            *server_command(self.backend_uri, HOST, self.port),
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
+        cmd, env = self._command()
         log = _next_log(self.root, "mlflow-server")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         with log.open("w") as out:
             # its own session: stop_server signals the process group (uvicorn's children too)
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
             )
         try:
             _wait_http(self.uri + "/health", self.proc, log, "mlflow server")
@@ -662,11 +692,150 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        """SIGTERM the server's process group (SIGKILL after 20 s); the store stays on disk."""
-        from pipeline.sweep.dashboard import stop_server
+        """SIGTERM the server's process group (SIGKILL after 20 s); the store stays where it is."""
+        from pipeline.tracking_server import stop_server
 
         if self.proc is not None:
             stop_server(self.proc)
+
+
+POSTGRES_USER = "kmax"
+POSTGRES_DATABASE = "kmax"
+UNPRIVILEGED_USER = "nobody"
+"""The OS user PostgreSQL runs as when the tests run as root (as CI does): it refuses to run as root."""
+
+
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (initdb, postgres): Debian puts them under
+    /usr/lib/postgresql/<major>/bin (the newest wins), not on PATH; else where PATH has them."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("postgres")
+    return Path(on_path).parent if on_path else None
+
+
+def _as_unprivileged() -> list[str]:
+    """The command prefix that runs a program as `UNPRIVILEGED_USER` when this process is root."""
+    if os.geteuid() != 0:
+        return []
+    import pwd
+
+    user = pwd.getpwnam(UNPRIVILEGED_USER)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"]
+
+
+@dataclass
+class PostgresServer:
+    """A real PostgreSQL server (Debian's package) on 127.0.0.1: role `POSTGRES_USER` with a fresh random
+    password (scram-sha-256, as a managed instance asks), database `POSTGRES_DATABASE`; `uri` is the
+    SQLAlchemy URI MLflow takes. Run as `UNPRIVILEGED_USER` when the tests run as root.
+
+    The cluster's database, off every Ray node: `stop` then `start` brings the same data back (the port
+    is kept); `remove` deletes it. The data directory is a fresh one under /tmp owned by the server's
+    user, not under `log_dir`: pytest's temporary directories are private to root, and PostgreSQL must
+    own its data directory and reach it. The log goes to `log_dir`.
+    """
+
+    log_dir: Path
+    port: int = field(default_factory=lambda: free_ports(1)[0])
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    data_root: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql://{POSTGRES_USER}:{self.password}@{HOST}:{self.port}/{POSTGRES_DATABASE}"
+
+    def _bin(self, name: str) -> str:
+        directory = postgres_bin()
+        if directory is None:
+            raise RuntimeError("PostgreSQL's server is not installed: `make postgres` (Debian's postgresql)")
+        return str(directory / name)
+
+    def _initdb(self, log: Path) -> None:
+        """A new cluster with the password role, in a directory the server's user owns."""
+        self.data_root = Path(tempfile.mkdtemp(prefix="kmax-pg-", dir="/tmp"))
+        password_file = self.data_root / "pw"
+        password_file.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam(UNPRIVILEGED_USER)
+            for path in (self.data_root, password_file):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        cmd = [*_as_unprivileged(), self._bin("initdb"), "-D", str(self.data_root / "data"),
+               f"--username={POSTGRES_USER}", f"--pwfile={password_file}", "--auth=scram-sha-256",
+               "--encoding=UTF8", "--locale=C", "--no-sync"]  # fmt: skip
+        with log.open("a") as out:
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        password_file.unlink()
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}):\n{tail(log)}")
+
+    def start(self) -> PostgresServer:
+        """Start the server (initialising the data directory and the database on the first start) and wait
+        until it accepts the role's login (RuntimeError with the log tail)."""
+        assert self.proc is None or self.proc.poll() is not None, "the server is already running"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = _next_log(self.log_dir, "postgres")
+        first = self.data_root is None
+        if first:
+            self._initdb(log)
+        # fsync off: a test database need not survive a power cut, and the 2-core CI disk is shared
+        cmd = [*_as_unprivileged(), self._bin("postgres"), "-D", str(self.data_root / "data"),
+               "-k", str(self.data_root), "-h", HOST, "-p", str(self.port), "-c", "fsync=off"]  # fmt: skip
+        with log.open("a") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_login(log)
+            if first:
+                self.sql(f"CREATE DATABASE {POSTGRES_DATABASE}", database="postgres")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def sql(self, statement: str, database: str = POSTGRES_DATABASE) -> list[tuple]:
+        """Run one statement as the role (autocommit: CREATE DATABASE cannot run in a transaction); its
+        rows (empty when it returns none)."""
+        import psycopg
+
+        conninfo = self.uri.rsplit("/", 1)[0] + f"/{database}"
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+            cur = conn.execute(statement)
+            return cur.fetchall() if cur.description else []
+
+    def _wait_login(self, log: Path) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + SERVICE_READY_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{tail(log)}")
+            try:
+                self.sql("SELECT 1", database="postgres")
+                return
+            except psycopg.OperationalError:
+                time.sleep(0.3)
+        raise RuntimeError(f"postgres did not accept a login within {SERVICE_READY_S:.0f} s:\n{tail(log)}")
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: clients are disconnected, the data is kept); SIGKILL after 30 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def remove(self) -> None:
+        """Stop, and delete the data directory."""
+        self.stop()
+        if self.data_root is not None:
+            shutil.rmtree(self.data_root, ignore_errors=True)
+            self.data_root = None
 
 
 @dataclass
@@ -783,6 +952,25 @@ def mlflow_server(tmp_path) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path / "mlflow").start()
     yield server
     server.stop()
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL's server is not installed (a user's machine); fail in CI, where `make test`
+    installs it (a skipped database test would hide a regression)."""
+    if postgres_bin() is not None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("PostgreSQL's server is required in CI (`make postgres` installs Debian's postgresql)")
+    pytest.skip("PostgreSQL's server is not installed (`make postgres`)")
+
+
+@pytest.fixture
+def postgres_server(tmp_path) -> Iterator[PostgresServer]:
+    """A started `PostgresServer` logging under tmp_path/postgres; always removed."""
+    require_postgres()
+    server = PostgresServer(tmp_path / "postgres").start()
+    yield server
+    server.remove()
 
 
 @pytest.fixture

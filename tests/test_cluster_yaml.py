@@ -43,12 +43,37 @@ def test_cluster_matches_project_pins(cluster_cfg):
     gpu = cluster_cfg["available_node_types"]["gpu_worker"]
     assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] == 0
     assert cluster_cfg["available_node_types"][cluster_cfg["head_node_type"]]["resources"]["CPU"] == 0
-    assert any("mlflow server" in c for c in cluster_cfg["head_setup_commands"])
+    assert any("kmax tracking-server" in c for c in cluster_cfg["head_setup_commands"])
     # storage every node reaches (no shared disk): KMAX_STORAGE, the instance profile, MLflow artifacts there
     bucket = re.search(r"KMAX_STORAGE=(s3://\S+?)'", setup).group(1)
-    server = next(c for c in cluster_cfg["head_setup_commands"] if "mlflow server" in c)
+    server = next(c for c in cluster_cfg["head_setup_commands"] if "kmax tracking-server" in c)
     assert f"--artifacts-destination {bucket}/" in server
     for node in cluster_cfg["available_node_types"].values():
         assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
     text = (REPO / "cluster.yaml").read_text().lower()
     assert "aws_secret" not in text and "aws_access_key" not in text
+
+
+def test_the_head_tracks_in_a_database_behind_a_login(cluster_cfg):
+    """The head's tracking server is `kmax tracking-server` with flags it takes: metadata and users in the
+    database of a secret (no fallback to the head's disk unless opted in), logins, MLflow's default host
+    check (no --allowed-hosts), the head's clients logged in; no database URI with credentials in the file
+    but the placeholder in its comment (tests/test_tracking_server.py runs this very command line)."""
+    import argparse
+    import shlex
+
+    from pipeline import tracking_server
+
+    commands = cluster_cfg["head_setup_commands"]
+    (line,) = [c for c in commands if "kmax tracking-server" in c]
+    argv = shlex.split(line)
+    assert argv[:2] == ["kmax", "tracking-server"]
+    parser = argparse.ArgumentParser()
+    tracking_server.add_arguments(parser)
+    args = parser.parse_args(argv[2:])
+    assert args.detach and args.client_credentials and args.aws_secrets == "kmax/" and not args.ephemeral
+    assert args.port == 5000 and args.artifacts_destination.startswith("s3://")
+    every = [*commands, *cluster_cfg["setup_commands"], *cluster_cfg["head_start_ray_commands"]]
+    assert not any("mlflow server" in c or "--allowed-hosts" in c or "sqlite" in c for c in every)
+    text = (REPO / "cluster.yaml").read_text()
+    assert re.findall(r"postgresql\S*://\S+@\S+", text) == ["postgresql://USER:PASSWORD@HOST:5432/DB"]

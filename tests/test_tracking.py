@@ -71,3 +71,37 @@ def test_unreachable_server_fails_fast():
 def test_flatten_params_truncates_and_nests():
     flat = tracking.flatten_params({"a": {"b": {"c": 1}}, "s": "x" * 7000})
     assert flat["a.b.c"] == "1" and len(flat["s"]) == tracking.MAX_PARAM_VALUE
+
+
+def test_a_run_is_resumed_by_its_id_in_the_same_store_at_another_address(tmp_path):
+    """A store outlives the address it was reached at (a database-backed server on a replaced head): the
+    run recorded under the old URI is found by its id in the store at the new one, resumed, and the
+    record follows; a record whose URI is this store's but whose run is not there is refused."""
+    target = tracking.resolve_target(None, tmp_path)
+    run_id, _ = tracking.start_or_resume_run(target, "exp", tmp_path, "run")
+    moved = tracking.TrackingTarget(f"sqlite:///{tmp_path}/../{tmp_path.name}/mlflow.db", None)
+    assert moved.tracking_uri != target.tracking_uri
+    assert tracking.start_or_resume_run(moved, "exp", tmp_path, "run") == (run_id, True)
+    assert json.loads((tmp_path / tracking.RUN_ID_FILE).read_text())["tracking_uri"] == moved.tracking_uri
+    other = tracking.resolve_target(None, tmp_path / "other")  # another store: a new run there
+    new_id, resumed = tracking.start_or_resume_run(other, "exp", tmp_path, "run")
+    assert not resumed and new_id != run_id
+    lost = {"tracking_uri": other.tracking_uri, "run_id": "0" * 32}  # this store's record, its run gone
+    (tmp_path / tracking.RUN_ID_FILE).write_text(json.dumps(lost))
+    with pytest.raises(tracking.TrackingError, match=f"names MLflow run {'0' * 32}, which is not in"):
+        tracking.start_or_resume_run(other, "exp", tmp_path, "run")
+
+
+def test_credentials_come_from_the_environment_or_mlflows_file(tmp_path, monkeypatch):
+    for key in (*tracking.CREDENTIAL_VARIABLES, tracking.TOKEN_VARIABLE):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tracking.credential_env() == {}
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = from-the-file\n"
+    )
+    expected = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "from-the-file"}
+    assert tracking.credential_env() == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-env")  # the environment wins, as in MLflow
+    assert tracking.credential_env()["MLFLOW_TRACKING_PASSWORD"] == "from-the-env"

@@ -5,6 +5,10 @@ By default it serves the embedded SQLite store of ``--run-dir`` (``<run_dir>/mlf
 from the run's artifact location by the server, so the report HTML attached to a sweep's parent run
 renders in the browser.
 
+Given an MLflow server (``--tracking-uri http://...``, the cluster's), it starts nothing: it saves the
+view there (authenticated by MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and prints its URL on
+that server.
+
 ``--sweep NAME`` (or a store holding one sweep) prints the URL of that sweep's view
 (pipeline.sweep.sweep_view): its trials as rows with PQ / PQ_th / PQ_st and the swept parameters as
 columns, the report linked above them. Without a sweep it prints the experiment list in the UI's
@@ -14,78 +18,25 @@ model-training mode, not MLflow's GenAI start page.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pipeline.sweep.study import default_sweep_dir
-from pipeline.tracking import existing_store
+from pipeline.tracking import TrackingError, check_tracking_uri, existing_store
+from pipeline.tracking_server import launch, server_command, server_env, stop_server
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 STARTUP_TIMEOUT_S = 90.0
 
 
-def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
-    """The `mlflow server` command line (one worker: a local, single-user dashboard)."""
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    if mlflow_bin is None:
-        raise RuntimeError("the `mlflow` executable is not installed next to this Python; run `make install`")
-    return [
-        mlflow_bin, "server",
-        "--backend-store-uri", tracking_uri,
-        "--host", host, "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-
-
 def start_server(
     tracking_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_path: Path | None = None
 ):
-    """Start the MLflow UI server and wait until ``/health`` answers; returns the `subprocess.Popen`.
-
-    The server runs in its own process group so that `stop_server` ends its uvicorn children too.
-    Raises RuntimeError (with the server's log tail) when it does not come up.
-    """
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the process
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        server_command(tracking_uri, host, port), stdout=log, stderr=subprocess.STDOUT, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://{host}:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-2000:] if log_path else ""
-            raise RuntimeError(
-                f"mlflow server exited with code {proc.returncode} before answering at {url}\n{tail}"
-            )
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"mlflow server did not answer at {url} within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn and its job runners exit with it)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """Start the MLflow UI server over ``tracking_uri`` (one worker: a local, single-user dashboard) and
+    wait until ``/health`` answers; returns the `subprocess.Popen` (stop it with `stop_server`).
+    Raises RuntimeError (with the server's log tail) when it does not come up."""
+    command = server_command(tracking_uri, host, port)
+    return launch(command, f"http://{host}:{port}", server_env(), log_path, STARTUP_TIMEOUT_S)
 
 
 DEFAULT_RUN_DIR = "runs/demo"
@@ -118,21 +69,29 @@ def _view(uri: str, sweep: str | None):
     return save_sweep_view(uri, sweep)
 
 
+def _print_links(base: str, view, store_line: str) -> None:
+    print(f"MLflow dashboard: {base}{view.path if view else EXPERIMENTS_PATH}", flush=True)
+    if view is not None and view.has_report:
+        print(f"  comparison report: {base}{view.report_path}", flush=True)
+    print(store_line, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli import fail
 
     run_dir = args.run_dir or (default_sweep_dir(args.sweep) if args.sweep else DEFAULT_RUN_DIR)
     try:
         uri = existing_store(args.tracking_uri, run_dir)
+        check_tracking_uri(uri)  # a server that refuses these credentials: one line, nothing written
         view = _view(uri, args.sweep)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TrackingError) as exc:
         return fail("dashboard", exc)
+    if uri.startswith(("http://", "https://")):
+        # a tracking server already serves the UI over its store (and its users): no second server
+        _print_links(uri.rstrip("/"), view, f"  served by the tracking server {uri} (log in as its user)")
+        return 0
     proc = start_server(uri, args.host, args.port)
-    base = f"http://{args.host}:{args.port}"
-    print(f"MLflow dashboard: {base}{view.path if view else EXPERIMENTS_PATH}", flush=True)
-    if view is not None and view.has_report:
-        print(f"  comparison report: {base}{view.report_path}", flush=True)
-    print(f"  store: {uri}; Ctrl-C stops the server", flush=True)
+    _print_links(f"http://{args.host}:{args.port}", view, f"  store: {uri}; Ctrl-C stops the server")
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -319,7 +319,8 @@ def run_sweep(
         echo(f"resume: {len(summary.skipped)} finished trial(s) kept: {', '.join(summary.skipped)}")
     if pending:
         lines = open_channel()
-        book = TrialBook(study, specs, target, asha is not None, tuple(hooks), lines)
+        credentials = tracking.credential_env()
+        book = TrialBook(study, specs, target, asha is not None, tuple(hooks), lines, credentials)
         summary.results = _run_pending(book, pending, sweep, ray, need, echo)
         if asha is not None:
             summary.stopped = close_stopped_trials(summary.results, book, echo)

@@ -10,6 +10,7 @@ shared/docs/reference_ray_mlflow.md §2). A finished trial leaves ``trial_done.j
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +51,10 @@ class TrialSpec:
 @dataclass
 class TrialBook:
     """What every trial function gets (through ``tune.with_parameters``): the specs by key, and how to run
-    them: the resolved tracking target, whether ASHA listens, the workers' step hooks, and the sweep's
-    channel for the lines the trials print (a RunChannel actor: the sweep driver prints them)."""
+    them: the resolved tracking target, whether ASHA listens, the workers' step hooks, the sweep's
+    channel for the lines the trials print (a RunChannel actor: the sweep driver prints them), and the
+    driver's MLflow credentials (pipeline.tracking.credential_env): a trial on a node of a cluster runs
+    in that node's environment, not the driver's, and logs to the server as the driver's user."""
 
     study: Study
     specs: dict[str, TrialSpec]
@@ -59,6 +62,7 @@ class TrialBook:
     asha: bool = False
     hooks: Sequence = field(default_factory=tuple)
     lines: Any = None
+    credentials: dict[str, str] = field(default_factory=dict)
 
 
 def _plain(value: Any) -> Any:
@@ -74,6 +78,7 @@ def run_trial(config: dict[str, Any], book: TrialBook) -> None:
     from pipeline import tracking
     from pipeline.train.driver import fit
 
+    os.environ.update(book.credentials)  # this actor's process only: MLflow's client reads them per call
     spec = book.specs[trial_key(config, book.study)]
     if any(_plain(config[path]) != _plain(value) for path, value in spec.point.items()):
         raise ValueError(f"trial {spec.key}: Tune gave {config}, the sweep planned {spec.point}")
