@@ -2,7 +2,9 @@
 
 Each function returns a `pipeline.sweep.study.Study`: a grid over dotted config paths, replicated over
 seeds. Add a study by writing one more function here (or in your own module and passing
-``--study mymodule:myfunction``).
+``--study mymodule:myfunction``). A study that names its reference (the baseline every other variant is
+compared with) can also run ``--until-decided`` (pipeline.sweep.until_decided); the references named here
+are the grids' first variants, the reports' default, so naming them changes no report.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def assignment(seeds: int = DEFAULT_SEEDS) -> Study:
     """The controlled axis: one affinity (centres x pixels), three normalisations of it: kMaX's argmax
     over clusters, a softmax over clusters (with its pixel update), a softmax over pixels. Not whole designs:
     neither softmax mode is CMT-DeepLab or the standard cross-attention (``cross_attention``)."""
-    return Study("assignment", {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES)}, seeds=seeds)
+    space = {ASSIGNMENT: list(CONTROLLED_ASSIGNMENT_MODES)}
+    return Study("assignment", space, seeds=seeds, reference={ASSIGNMENT: "argmax"})
 
 
 def coord_conv(seeds: int = DEFAULT_SEEDS) -> Study:
     """Coordinate convolution (our formulation of the location-sensitive clustering idea of CMT-DeepLab)
     off vs on."""
-    return Study("coord_conv", {COORD_CONV: [False, True]}, seeds=seeds)
+    return Study("coord_conv", {COORD_CONV: [False, True]}, seeds=seeds, reference={COORD_CONV: False})
 
 
 def decoder_depth(seeds: int = DEFAULT_SEEDS) -> Study:
@@ -67,9 +70,12 @@ def cmt_components(seeds: int = DEFAULT_SEEDS) -> Study:
         {path: [True, False] for path in CMT_SWITCHES},
         seeds=seeds,
         fixed={ASSIGNMENT: "cmt"},
+        reference=dict.fromkeys(CMT_SWITCHES, True),
     )
 
 
 def cmt_mask_approx(seeds: int = DEFAULT_SEEDS) -> Study:
     """CMT as reconstructed, every layer component on: the mask-approximation loss on (weight 1) vs off."""
-    return Study("cmt_mask_approx", {MASK_APPROX_WEIGHT: [1.0, 0.0]}, seeds=seeds, fixed={ASSIGNMENT: "cmt"})
+    space = {MASK_APPROX_WEIGHT: [1.0, 0.0]}
+    reference = {MASK_APPROX_WEIGHT: 1.0}
+    return Study("cmt_mask_approx", space, seeds=seeds, fixed={ASSIGNMENT: "cmt"}, reference=reference)

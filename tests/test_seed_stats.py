@@ -351,3 +351,138 @@ def test_pq_curves_are_coloured_by_variant_with_the_mean_over_seeds(sweep_store)
         thick = [line for line in mine if line.get_label() == legend[k]]
         assert [tuple(xy) for xy in thick[0].get_xydata()] == mean_curve(curves[variant])
     plt.close(fig)
+
+
+def test_a_fixed_seed_sweep_decides_on_its_t_intervals_and_says_so(sweep_store):
+    """Decisions, method, seeds, estimates and costs of the fixed design, by hand, in the report, stats.json
+    and on the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.report import compare, metric_name
+
+    run_dir, uri, parent_id = sweep_store
+    lines: list[str] = []
+    report = compare(SWEEP, run_dir, echo=lines.append)
+    sections = _split_markdown((report.parent / "report.md").read_text())
+    # argmax: [1.94, 5.73] excludes 0; cluster (seeds 0, 1: +1, -1): t radius 12.71, equivalence inside
+    # +-0.5 needs t_{N-1} sqrt(2) / sqrt(N) <= 0.5, N = 34; one paired seed: no interval
+    cost = lambda seeds: 2 * sum(WORKERS * CPUS_PER_WORKER * _wall_s(k) for k in seeds) / 3600  # noqa: E731
+    argmax_cost, cluster_cost = f"{cost([0, 1, 2]):.3g} CPU-h", f"{cost([0, 1]):.3g} CPU-h"
+    assert sections["Decisions"][0] == [ARGMAX, "better", "student_t", "3", "[1.94, 5.73]", "-", argmax_cost]
+    assert sections["Decisions"][2] == [
+        CLUSTER,
+        "undecided",
+        "student_t",
+        "2",
+        "[-12.71, 12.71]",
+        "~34 (32 more)",
+        cluster_cost,
+    ]
+    assert sections["Decisions"][1][1:6] == ["undecided", "student_t", "1", "undefined (n = 1)", ">= 2"]
+    design = sections["Design"]
+    assert design[0].startswith("intervals of the differences: 95% t interval (fixed number of seeds), valid")
+    assert design[-1] == (
+        "2 of 3 comparisons undecided: if the observed mean and spread held, the 95% t interval (fixed "
+        f"number of seeds) would decide them at (paired seeds, rough estimate): {SINGLE} >= 2, {CLUSTER} ~34 "
+        "(32 more)"
+    )
+    stats = json.loads((report.parent / "stats.json").read_text())
+    assert stats["design"]["kind"] == "fixed" and stats["design"]["undecided"] == design[-1]
+    by_variant = {d["variant"]: d for d in stats["differences"]}
+    cluster = {k: by_variant[CLUSTER][k] for k in ("decision", "method", "n", "seeds", "seeds_needed")}
+    assert cluster == {
+        "decision": "undecided",
+        "method": "student_t",
+        "n": 2,
+        "seeds": ["0", "1"],
+        "seeds_needed": 34,
+    }
+    radius = T_975_2 * math.sqrt(7 / 12) / math.sqrt(3)
+    assert by_variant[ARGMAX]["interval"] == pytest.approx([23 / 6 - radius, 23 / 6 + radius])
+    assert by_variant[SINGLE]["interval"] == [None, None] and by_variant[ARGMAX]["cost_h"] == pytest.approx(
+        cost([0, 1, 2])
+    )
+    tags = MlflowClient(uri).get_run(parent_id).data.tags
+    assert tags["report.method"] == "student_t" and tags[f"report.decision.{metric_name(ARGMAX)}"] == "better"
+
+
+@pytest.fixture(scope="module")
+def until_decided_store(tmp_path_factory):
+    """A sweep's store as an until-decided sweep leaves it: the design's params and the looks' tags on the
+    parent; A ahead of the reference by 10, 11, 12 on 3 seeds, B by +1, -1, +2, -2 on 4."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.decision import Design
+    from pipeline.tracking import get_or_create_experiment, resolve_target
+
+    run_dir = tmp_path_factory.mktemp("until_decided_store")
+    target = resolve_target(None, run_dir)
+    client = MlflowClient(target.tracking_uri)
+    exp_id = get_or_create_experiment(target, f"sweep-{SWEEP}")
+    looks = {"looks": "3", "stop": "max_seeds", "max_seeds": "4", "budget": "1 CPU-h"}
+    tags = {
+        "kind": "sweep",
+        "sweep": SWEEP,
+        "study": SWEEP,
+        **{f"until_decided.{k}": v for k, v in looks.items()},
+    }
+    parent = client.create_run(exp_id, tags=tags, run_name=SWEEP).info.run_id
+    space = {"model.decoder.assignment": ["spatial_softmax", "argmax", "cluster_softmax"]}
+    params = {"space": json.dumps(space), "reference": "assignment=spatial_softmax"}
+    params.update(Design.until_decided(0.05, 0.5).params())
+    for k, v in params.items():
+        client.log_param(parent, k, v)
+    runs = [("assignment=spatial_softmax", k, 40.0) for k in range(4)]
+    runs += [("assignment=argmax", k, 50.0 + k) for k in range(3)]
+    runs += [("assignment=cluster_softmax", k, 40.0 + d) for k, d in enumerate([1.0, -1.0, 2.0, -2.0])]
+    for i, (variant, seed, pq) in enumerate(runs):
+        _child(client, target.tracking_uri, exp_id, parent, i, (variant, seed, pq, pq, 3, True, False))
+    return run_dir, target.tracking_uri, parent
+
+
+def test_an_until_decided_sweep_shows_its_confidence_sequences(until_decided_store):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.confidence_sequence import TMixtureSequence
+    from pipeline.sweep.decision import seeds_needed
+    from pipeline.sweep.report import compare
+
+    run_dir, uri, parent_id = until_decided_store
+    report = compare(SWEEP, run_dir, echo=lambda _: None)
+    sections = _split_markdown((report.parent / "report.md").read_text())
+
+    def radius(n: int, std: float) -> float:  # the module's formula, c = 0.1, alpha = 0.05
+        rn = (0.05**2 * 0.1 / (n + 0.1)) ** (1 / n)
+        bn = (n + 0.1) * (1 - rn)
+        return math.sqrt(bn * (n - 1) * std**2 / (n * (n - bn)))
+
+    a, b = radius(3, 1.0), radius(4, math.sqrt(10 / 3))
+    ref, arg, cluster = "assignment=spatial_softmax", "assignment=argmax", "assignment=cluster_softmax"
+    assert sections[f"Paired differences against {ref}"][0][4] == f"[{11 - a:.2f}, {11 + a:.2f}]"
+    assert sections["Verdicts"] == [
+        f"{arg} is better than {ref} by 11.00 PQ, 95% confidence sequence (t-mixture) "
+        f"[{11 - a:.2f}, {11 + a:.2f}] (3 paired seeds)",
+        f"undecided between {cluster} and {ref} ({cluster} - {ref} = +0.00 PQ, "
+        f"95% confidence sequence (t-mixture) [{-b:.2f}, {b:.2f}]; 4 paired seeds)",
+    ]
+    assert sections["Decisions"][1][:4] == ["assignment=cluster_softmax", "undecided", "t_mixture_cs", "4"]
+    needed = seeds_needed(TMixtureSequence(), 4, 0.0, math.sqrt(10 / 3), 0.5)
+    assert (
+        needed is not None
+        and needed > 100
+        and sections["Decisions"][1][5] == f"~{needed} ({needed - 4} more)"
+    )
+    assert sections["Design"][1] == (
+        "until decided: 3 look(s), at most 4 paired seeds; the undecided comparisons reached --max-seeds."
+    )
+    assert sections["Design"][2].endswith("CPU-h (budget: 1 CPU-h).")
+    stats = json.loads((report.parent / "stats.json").read_text())
+    assert {k: stats["design"][k] for k in ("kind", "method", "looks", "stop", "max_seeds", "budget")} == {
+        "kind": "until_decided", "method": "t_mixture_cs", "looks": 3, "stop": "max_seeds", "max_seeds": 4,
+        "budget": "1 CPU-h"}  # fmt: skip
+    (better, undecided) = stats["differences"]
+    assert (better["decision"], better["n"], better["seeds_needed"]) == ("better", 3, None)
+    assert undecided["interval"] == pytest.approx([-b, b]) and undecided["seeds_needed"] == needed
+    metrics = MlflowClient(uri).get_run(parent_id).data.metrics
+    base = "report/assignment_argmax/minus/assignment_spatial_softmax/eval/pq_all"
+    assert metrics[f"{base}/ci_low"] == pytest.approx(11 - a)  # the sequence, not the t interval

@@ -3,6 +3,7 @@
     kmax sweep --study assignment [--config tiny] [--set train.steps=300 ...] [--seeds N]
                [--run-dir runs/sweeps/assignment] [--tracking-uri URI] [--ray-address auto] [--resume]
                [--asha [--grace-evals 1] [--reduction-factor 2]]
+               [--until-decided [--max-seeds 10] [--margin 0.5] [--alpha 0.05] [--budget 40gpu-h]]
 
 The driver builds the base config once and every trial's config once (base + the study's fixed overrides +
 the trial's point, as typed values), checks them all before any compute, and hands Tune a param space over
@@ -24,6 +25,9 @@ Trial keys are deterministic (variant name + seed), so ``--resume`` skips every 
 its latest checkpoint because its run directory is the same). MLflow: one parent run per sweep (tags
 ``study``, ``sweep``) and one child run per trial (tags ``mlflow.parentRunId``, ``study``, ``trial``,
 ``variant``, ``seed``, ``overrides``), with the model's parameter count logged as ``model/parameters``.
+
+Until decided (``--until-decided``): rounds of `run_sweep` on the same sweep, each adding a seed where a
+comparison with the reference is still open (pipeline.sweep.until_decided).
 
 Early stopping (``--asha``, pipeline.sweep.asha): a stopped trial is finished, not failed: its MLflow run is
 closed FINISHED with the tag ``early_stopped=true`` and its ``trial_done.json`` written, so the report shows
@@ -335,6 +339,7 @@ def run_sweep(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.cli import add_config_arguments, add_run_arguments
+    from pipeline.sweep import until_decided
 
     parser.add_argument("--study", required=True, help="study name in ablations.studies, or module:function")
     add_config_arguments(parser, what="every trial")
@@ -353,10 +358,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asha", action="store_true", help="stop trials early on validation PQ (Tune ASHA)")
     parser.add_argument("--grace-evals", type=int, default=1, help="ASHA: validations before any stop")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/this per rung")
+    until_decided.add_arguments(parser)  # --until-decided, --max-seeds, --margin, --alpha, --budget
 
 
 def run(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from pipeline.cli import fail, run_fields
+    from pipeline.sweep import until_decided
     from pipeline.tracking import TrackingError
 
     address = args.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
@@ -367,9 +376,14 @@ def run(args: argparse.Namespace) -> int:
         base = with_fields(load_experiment(args.config, args.overrides), fields)
         sweep_dir = args.run_dir or default_sweep_dir(study.name)
         echo = lambda m: print(m, flush=True)  # noqa: E731
-        s = run_sweep(
+        decided = until_decided.from_args(args, study, base, address)  # None: a fixed sweep
+        runner = partial(run_sweep, asha=asha)
+        if decided is not None:  # rounds of run_sweep, seeds added where a comparison is open
+            rounds = until_decided.Rounds(run_sweep, setup_sweep)
+            runner = partial(until_decided.run_until_decided, cfg=decided, rounds=rounds)
+        s = runner(
             study, sweep_dir, base, tracking_uri=args.tracking_uri, resume=args.resume,
-            ray_address=address, asha=asha, echo=echo,
+            ray_address=address, echo=echo,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, TrackingError) as exc:
         return fail("sweep", exc)

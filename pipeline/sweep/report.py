@@ -6,13 +6,17 @@ Finds the sweep's parent run (experiment ``sweep-<NAME>``, tag ``kind=sweep``) a
 ``mlflow.parentRunId``), groups the children by their ``variant`` tag (seed: their ``seed`` tag) and writes,
 under ``<run_dir>/report/``:
 
-    report.md      three tables and the verdicts:
+    report.md      four tables, the verdicts and the design:
                    - per variant PQ, PQ_th, PQ_st, SQ, RQ, mIoU (percent), parameters, images/s, each as
                      mean +- sample std over seeds (the mean alone for one seed);
                    - per variant the 95% t interval of the mean PQ, the best checkpoint's PQ, and the cost of
                      a trial (device-seconds) and of a PQ point;
                    - per variant its paired difference in PQ with the reference variant (seed by seed) and
-                     its interval, and a verdict line each (pipeline.sweep.seed_stats has the formulas)
+                     its interval (pipeline.sweep.seed_stats has the formulas);
+                   - per comparison its decision (better / worse / equivalent / undecided), the method of
+                     its interval, its seeds, its cost, and for an undecided one a rough estimate of the
+                     paired seeds that would decide it (pipeline.sweep.decision);
+                   - a verdict line per comparison; the design: which kind of interval the reader sees
     report.html    the same, and the plots embedded as base64 PNG (renders alone in the MLflow UI)
     stats.json     every number of the tables at full precision, with the exact variant names
     pq_per_variant.png, pq_vs_step.png, cluster_maps.png
@@ -34,6 +38,12 @@ Where the numbers come from, for each child run:
   logged (an ASHA-stopped run is charged to where it stopped, not to when the sweep closed it; a run
   interrupted and resumed is charged the time between its attempts too). The Tune driver and the Ray Data
   CPUs are not counted. Cost of a PQ point: mean cost / mean PQ of the variant.
+
+Which interval decides (pipeline.sweep.decision.Design, read from the parent run's params): a fixed-seed
+sweep shows the 95% t interval of the mean difference, valid for its number of seeds fixed in advance; an
+until-decided sweep (pipeline.sweep.until_decided) shows the t-mixture confidence sequence at its alpha,
+valid at every number of seeds (pipeline.sweep.confidence_sequence), with its looks, why it stopped and its
+budget (the parent's ``until_decided.*`` tags).
 
 The reference variant: ``--reference``, else the parent run's ``reference`` param when the sweep logged
 one, else the first variant of the study's grid (its ``space`` param: the default of
@@ -57,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.sweep.decision import UNDECIDED, Comparison, Design, compare_pair
+from pipeline.sweep.looks import BUDGET_TAG, LOOKS_TAG, MAX_SEEDS_TAG, STOP_TAG, STOP_TEXT
 from pipeline.sweep.seed_stats import (
     CONFIDENCE,
     MeanInterval,
@@ -97,6 +109,10 @@ REPORT_ARTIFACT_DIR = "report"
 METRIC_PREFIX = "report"
 """Parent-run metrics: ``report/<variant>/<key>/{mean,std,ci_low,ci_high}`` (see `report_metrics`)."""
 REFERENCE_TAG = "report.reference"
+METHOD_TAG = "report.method"
+DECISION_TAG_PREFIX = "report.decision."
+"""Parent-run tags ``report.decision.<variant>`` (`metric_name`): each comparison's decision."""
+SECONDS_PER_HOUR = 3600.0
 STATS_FILE = "stats.json"
 LEVEL = f"{CONFIDENCE:.0%}"
 
@@ -135,6 +151,11 @@ class VariantRow:
         """Mean, sample std and t interval of ``key`` over the variant's runs that have it."""
         return mean_interval([t.metrics[key] for t in self.trials if key in t.metrics])
 
+    def cost_h(self, seeds: tuple[str, ...] | None = None) -> float:
+        """Device-hours of the variant's runs (those of ``seeds`` only, when given) that know their cost."""
+        costs = [t.metrics.get(COST_KEY, math.nan) for t in self.trials if seeds is None or t.seed in seeds]
+        return sum(c for c in costs if math.isfinite(c)) / SECONDS_PER_HOUR
+
     def cost_per_point(self) -> float:
         """Mean cost of a trial / its mean PQ: device-seconds per PQ point (nan when either is missing)."""
         cost, pq = self.interval(COST_KEY).mean, self.interval(PQ_KEY).mean
@@ -147,6 +168,8 @@ class SweepRuns:
     parent_run_id: str
     rows: list[VariantRow]
     reference: str = ""
+    design: Design = field(default_factory=Design.fixed)
+    tags: dict[str, str] = field(default_factory=dict)  # the parent run's (an until-decided sweep's state)
 
     @property
     def num_runs(self) -> int:
@@ -162,6 +185,19 @@ class SweepRuns:
             for r in self.rows
             if r is not ref
         ]
+
+    def comparisons(self) -> list[Comparison]:
+        """`differences` decided under the sweep's design (pipeline.sweep.decision), in the same order."""
+        return [compare_pair(d, self.design.kind, self.design.margin) for d in self.differences()]
+
+    def comparison_cost_h(self, d: PairedDifference) -> float:
+        """Device-hours of a comparison's runs: the variant's and the reference's on its paired seeds."""
+        rows = {r.variant: r for r in self.rows}
+        return rows[d.variant].cost_h(d.seeds) + rows[d.reference].cost_h(d.seeds)
+
+    @property
+    def device(self) -> str:
+        return next((r.device for r in self.rows if r.device), "")
 
 
 @contextmanager
@@ -293,7 +329,8 @@ def load_sweep(tracking_uri: str, sweep: str, reference: str | None = None) -> S
         row.early_stopped += run.data.tags.get(EARLY_STOPPED_TAG) == "true"
     ordered = sorted(rows.values(), key=lambda r: r.variant)
     ref = _reference(parent.data.params, reference, [r.variant for r in ordered])
-    return SweepRuns(tracking_uri, parent.info.run_id, ordered, ref)
+    design = Design.from_params(parent.data.params)
+    return SweepRuns(tracking_uri, parent.info.run_id, ordered, ref, design, dict(parent.data.tags))
 
 
 # ---- the tables: every medium renders these lines --------------------------------------------------------
@@ -346,19 +383,98 @@ def seed_table_lines(runs: SweepRuns, markdown: bool) -> list[str]:
 
 
 def difference_table_lines(runs: SweepRuns, markdown: bool) -> list[str]:
-    """Per variant but the reference: its paired seeds, mean ± std of (variant - reference) PQ, interval."""
-    header = ["variant", "reference", "paired seeds", "PQ difference", f"{LEVEL} CI"]
+    """Per variant but the reference: its paired seeds, mean ± std of (variant - reference) PQ, and the
+    interval of the sweep's design (the t interval, or the confidence sequence of an until-decided one)."""
+    header = ["variant", "reference", "paired seeds", "PQ difference", runs.design.header]
     body = [
-        [d.variant, d.reference, ", ".join(d.seeds) or "none", _cell(d.diff, PQ_FMT), d.diff.format(PQ_FMT)]
-        for d in runs.differences()
+        [d.variant, d.reference, ", ".join(d.seeds) or "none", _cell(d.diff, PQ_FMT), c.interval_text(PQ_FMT)]
+        for d, c in zip(runs.differences(), runs.comparisons())
     ]
     return _table(header, body, markdown)
 
 
+def decision_table_lines(runs: SweepRuns, markdown: bool) -> list[str]:
+    """Per comparison: its decision, the method of its interval, its paired seeds, the interval, the rough
+    estimate of the paired seeds that would decide an undecided one, and the cost of its runs."""
+    unit = f" {runs.device}-h" if runs.device else ""
+    header = ["variant", "decision", "method", "paired seeds", runs.design.header,
+              "seeds to decide (estimate)", "cost"]  # fmt: skip
+    body = [
+        [c.variant, c.decision, c.method, str(c.n), c.interval_text(PQ_FMT), c.needed_text(),
+         f"{runs.comparison_cost_h(d):.3g}{unit}"]
+        for d, c in zip(runs.differences(), runs.comparisons())
+    ]  # fmt: skip
+    return _table(header, body, markdown)
+
+
+def decision_line(c: Comparison, design: Design) -> str:
+    """The verdict of an until-decided comparison, in the words of pipeline.sweep.seed_stats.verdict, e.g.
+    ``argmax is better than cmt by 3.10 PQ, 95% confidence sequence (t-mixture) [0.40, 5.80] (4 paired
+    seeds)`` or ``undecided between cmt and argmax (cmt - argmax = -1.20 PQ, 95% confidence sequence
+    (t-mixture) [-9.70, 7.30]; 4 paired seeds)``."""
+    interval = f"{design.label} {c.interval_text(PQ_FMT)}"
+    if c.decision in ("better", "worse"):
+        lead = f"{abs(c.mean):{PQ_FMT}}"
+        return f"{c.variant} is {c.decision} than {c.reference} by {lead} PQ, {interval} ({c.n} paired seeds)"
+    detail = f"({c.variant} - {c.reference} = {c.mean:+{PQ_FMT}} PQ, {interval}; {c.n} paired seeds)"
+    if c.decision == UNDECIDED:
+        return f"undecided between {c.variant} and {c.reference} {detail}"
+    return f"{c.variant} is equivalent to {c.reference} within ±{design.margin:g} PQ {detail}"
+
+
 def verdict_lines(runs: SweepRuns) -> list[str]:
+    """One line per comparison: today's t verdicts for a fixed-seed sweep (pipeline.sweep.seed_stats),
+    `decision_line` for an until-decided one."""
     if not any(r.variant == runs.reference for r in runs.rows):
         return [f"the reference {runs.reference} has no finished trial: nothing to compare with"]
+    if runs.design.sequential:
+        return [decision_line(c, runs.design) for c in runs.comparisons()]
     return [verdict(d, "PQ", PQ_FMT) for d in runs.differences()]
+
+
+def undecided_line(runs: SweepRuns) -> str | None:
+    """One line on the undecided comparisons: the paired seeds the sweep's interval would need to decide
+    each, if the observed mean and spread held (a rough estimate); None when every one is decided."""
+    comparisons = runs.comparisons()
+    open_ = [c for c in comparisons if c.decision == UNDECIDED]
+    if not open_:
+        return None
+    each = ", ".join(f"{c.variant} {c.needed_text()}" for c in open_)
+    return (
+        f"{len(open_)} of {len(comparisons)} comparisons undecided: if the observed mean and spread held, "
+        f"the {runs.design.label} would decide them at (paired seeds, rough estimate): {each}"
+    )
+
+
+def _interval_kind_line(runs: SweepRuns) -> str:
+    """Which kind of interval the reader sees, and when it is valid."""
+    design = runs.design
+    if design.sequential:
+        return (
+            f"intervals of the differences: {design.label}, valid at every number of seeds at once "
+            "(Lai 1976; Wang and Ramdas 2023; pipeline/sweep/confidence_sequence.py), as seeds were added "
+            f"while looking. Better / worse: it excludes 0; equivalent: inside ±{design.margin:g} PQ. The "
+            "per-variant intervals above are descriptive t intervals."
+        )
+    seeds = "/".join(str(n) for n in sorted({len(r.trials) for r in runs.rows}))
+    return (
+        f"intervals of the differences: {design.label}, valid for a number of seeds fixed before "
+        f"looking (here {seeds} per variant), not for seeds added while looking (kmax sweep "
+        f"--until-decided). Equivalent: inside ±{design.margin:g} PQ."
+    )
+
+
+def design_lines(runs: SweepRuns) -> list[str]:
+    """Which kind of interval the reader sees; an until-decided sweep's looks and why it stopped; the
+    device-hours spent (and the budget); the undecided comparisons' estimate."""
+    lines, tags = [_interval_kind_line(runs)], runs.tags
+    if runs.design.sequential:
+        stop = STOP_TEXT.get(tags.get(STOP_TAG, ""), "not stopped yet")
+        looks, cap = tags.get(LOOKS_TAG, "0"), tags.get(MAX_SEEDS_TAG, "?")
+        lines.append(f"until decided: {looks} look(s), at most {cap} paired seeds; {stop}.")
+    spent = sum(r.cost_h() for r in runs.rows)
+    lines.append(f"spent: {spent:.3g} {runs.device}-h (budget: {tags.get(BUDGET_TAG) or 'none'}).")
+    return lines + [line for line in [undecided_line(runs)] if line]
 
 
 def note_lines(runs: SweepRuns) -> list[str]:
@@ -382,7 +498,9 @@ def report_sections(runs: SweepRuns, markdown: bool) -> list[tuple[str, list[str
         ("Metrics over seeds", table_lines(runs, markdown)),
         ("PQ intervals and cost", seed_table_lines(runs, markdown)),
         (f"Paired differences against {runs.reference}", difference_table_lines(runs, markdown)),
+        ("Decisions", decision_table_lines(runs, markdown)),
         ("Verdicts", verdict_lines(runs)),
+        ("Design", design_lines(runs)),
         ("Notes", note_lines(runs)),
     ]
 
@@ -414,7 +532,10 @@ def report_metrics(runs: SweepRuns) -> dict[str, float]:
 
     ``report/<v>/seeds``; ``report/<v>/<key>/{mean,std,ci_low,ci_high}`` for every `COLUMNS` key and
     ``eval/pq_all_best``; ``report/<v>/cost/<cpu|gpu>_s/...`` and ``report/<v>/cost/<cpu|gpu>_s_per_pq``;
-    ``report/<v>/minus/<reference>/eval/pq_all/{n,mean,std,ci_low,ci_high}``, ``<v>`` = `metric_name`."""
+    ``report/<v>/minus/<reference>/eval/pq_all/{n,mean,std,ci_low,ci_high}`` (the interval of the sweep's
+    design: `difference_table_lines`), ``.../seeds_needed`` (undecided, when estimated) and
+    ``.../cost_<cpu|gpu>_h``; ``report/spent/<cpu|gpu>_h``; ``<v>`` = `metric_name`. The decisions are the
+    tags of `_log_to_mlflow`."""
     names = {metric_name(r.variant): r.variant for r in runs.rows}
     if len(names) != len(runs.rows):
         raise ValueError(f"two variants share a metric name: {sorted(r.variant for r in runs.rows)}")
@@ -426,9 +547,14 @@ def report_metrics(runs: SweepRuns) -> dict[str, float]:
             name = f"cost/{row.device.lower()}_s" if key == COST_KEY else key
             out.update(_interval_metrics(f"{base}/{name}", row.interval(key)))
         out[f"{base}/cost/{row.device.lower()}_s_per_pq"] = row.cost_per_point()
-    for d in runs.differences():
+    unit = runs.device.lower()
+    for d, c in zip(runs.differences(), runs.comparisons()):
         base = f"{METRIC_PREFIX}/{metric_name(d.variant)}/minus/{metric_name(d.reference)}/{PQ_KEY}"
         out.update({f"{base}/n": float(d.diff.n), **_interval_metrics(base, d.diff)})
+        out.update({f"{base}/ci_low": c.low, f"{base}/ci_high": c.high})  # the design's interval
+        out[f"{base}/cost_{unit}_h"] = runs.comparison_cost_h(d)
+        out[f"{base}/seeds_needed"] = float(c.seeds_needed or math.nan)
+    out[f"{METRIC_PREFIX}/spent/{unit}_h"] = sum(r.cost_h() for r in runs.rows)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -452,14 +578,31 @@ def stats_record(runs: SweepRuns) -> dict[str, Any]:
         }
         for row in runs.rows
     }
+    verdicts = verdict_lines(runs)
     differences = [
         {"variant": d.variant, "reference": d.reference, "metric": PQ_KEY, "seeds": list(d.seeds),
          "only_variant": list(d.only_variant), "only_reference": list(d.only_reference),
-         **_interval_json(d.diff), "verdict": verdict(d, "PQ", PQ_FMT)}
-        for d in runs.differences()
+         **_interval_json(d.diff), "ci_low": _number(c.low), "ci_high": _number(c.high),
+         "decision": c.decision, "method": c.method, "interval": [_number(c.low), _number(c.high)],
+         "seeds_needed": c.seeds_needed, "cost_h": runs.comparison_cost_h(d), "verdict": line}
+        for d, c, line in zip(runs.differences(), runs.comparisons(), verdicts)
     ]  # fmt: skip
-    return {"reference": runs.reference, "confidence": CONFIDENCE, "variants": variants,
-            "differences": differences}  # fmt: skip
+    return {"reference": runs.reference, "confidence": CONFIDENCE, "design": _design_json(runs),
+            "variants": variants, "differences": differences}  # fmt: skip
+
+
+def _design_json(runs: SweepRuns) -> dict[str, Any]:
+    """stats.json's ``design``: the interval kind the differences show, the margin, an until-decided
+    sweep's state (its parent-run tags), the device-hours spent, the undecided comparisons' estimate."""
+    design, tags = runs.design, runs.tags
+    sequential = {"looks": int(tags.get(LOOKS_TAG, 0)), "stop": tags.get(STOP_TAG) or None,
+                  "max_seeds": int(tags[MAX_SEEDS_TAG]) if MAX_SEEDS_TAG in tags else None}  # fmt: skip
+    return {
+        "kind": "until_decided" if design.sequential else "fixed", "method": design.kind.method,
+        "interval": design.label, "margin": design.margin, **(sequential if design.sequential else {}),
+        "budget": tags.get(BUDGET_TAG) or None, "spent_h": sum(r.cost_h() for r in runs.rows),
+        "unit": runs.device, "undecided": undecided_line(runs),
+    }  # fmt: skip
 
 
 def _log_to_mlflow(runs: SweepRuns, files: list[Path]) -> None:
@@ -467,7 +610,8 @@ def _log_to_mlflow(runs: SweepRuns, files: list[Path]) -> None:
 
     logger = RunLogger(runs.tracking_uri, runs.parent_run_id)
     logger.log_metrics(report_metrics(runs), step=runs.num_runs)
-    logger.set_tags({REFERENCE_TAG: runs.reference})
+    decisions = {f"{DECISION_TAG_PREFIX}{metric_name(c.variant)}": c.decision for c in runs.comparisons()}
+    logger.set_tags({REFERENCE_TAG: runs.reference, METHOD_TAG: runs.design.kind.method, **decisions})
     for f in files:
         logger.log_artifact(f, REPORT_ARTIFACT_DIR)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy import stats
@@ -43,6 +44,34 @@ def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
     if n < MIN_SEEDS:
         raise ValueError(f"a t interval needs >= {MIN_SEEDS} values, got {n}")
     return float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1))
+
+
+def t_radius(n, std, confidence: float = CONFIDENCE):
+    """``t_{(1 + confidence) / 2, n - 1} * std / sqrt(n)``, the half width of the t interval of a mean of n
+    values with sample std ``std``; arrays or numbers; inf where n < `MIN_SEEDS` (no interval)."""
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        radius = stats.t.ppf((1.0 + confidence) / 2.0, n - 1.0) * np.asarray(std, np.float64) / np.sqrt(n)
+    return np.where(n >= MIN_SEEDS, radius, np.inf)
+
+
+@dataclass(frozen=True)
+class StudentT:
+    """The fixed-n t interval as an interval kind (pipeline.sweep.decision): valid for a number of seeds
+    fixed before looking, not for one chosen by looking (pipeline.sweep.confidence_sequence is)."""
+
+    confidence: float = CONFIDENCE
+    method: ClassVar[str] = "student_t"
+    noun: ClassVar[str] = "t interval (fixed number of seeds)"
+    abbreviation: ClassVar[str] = "CI"
+
+    @property
+    def level(self) -> float:
+        return self.confidence
+
+    def radius(self, n, std):
+        """`t_radius`: the half width of the interval of a mean of n values with sample std ``std``."""
+        return t_radius(n, std, self.confidence)
 
 
 @dataclass(frozen=True)
@@ -95,7 +124,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Me
     if n < MIN_SEEDS:
         return MeanInterval(n, mean, math.nan, math.nan, confidence)
     std = float(x.std(ddof=1))
-    return MeanInterval(n, mean, std, t_quantile(n, confidence) * std / math.sqrt(n), confidence)
+    return MeanInterval(n, mean, std, float(t_radius(n, std, confidence)), confidence)
 
 
 @dataclass(frozen=True)

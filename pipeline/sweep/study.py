@@ -8,6 +8,7 @@ Ray Tune trials over its config paths; `pipeline.sweep.report` groups runs back 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import itertools
@@ -37,7 +38,11 @@ class Study:
         fixed: overrides applied to every trial (e.g. a shorter schedule for this study).
         reference: the variant the report compares every other one with (pipeline.sweep.report), as
             dotted path -> value; a path left out takes its first value, so the default (None) is the
-            first variant of the grid.
+            first variant of the grid. ``--until-decided`` needs it named (it spends seeds on comparisons
+            with it).
+        seeds_per_variant: variant name (`variant_name`) -> how many seeds (0..k-1) it runs, at most
+            `seeds`; a variant left out runs `seeds`, as every variant does when None. An until-decided
+            sweep adds seeds to some variants only (`with_seed_counts`).
     """
 
     name: str
@@ -45,6 +50,7 @@ class Study:
     seeds: int = 1
     fixed: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
+    seeds_per_variant: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -63,6 +69,25 @@ class Study:
         for path, value in (self.reference or {}).items():
             if path not in self.space or _plain(value) not in [_plain(v) for v in self.space[path]]:
                 raise ValueError(f"study {self.name}: reference {path}={value!r} is not a point of the space")
+        self._check_seed_counts()
+
+    def _check_seed_counts(self) -> None:
+        names = {variant_name(v, self) for v in self.variants()}
+        for name, count in (self.seeds_per_variant or {}).items():
+            if name not in names or not 1 <= count <= self.seeds:
+                raise ValueError(f"study {self.name}: seeds_per_variant[{name!r}] = {count} is not 1..seeds")
+
+    def with_seed_counts(self, counts: dict[str, int]) -> Study:
+        """This study with each variant (variant name -> count, every variant named) run on seeds
+        0..count-1; `seeds` becomes the largest count."""
+        missing = sorted({variant_name(v, self) for v in self.variants()} - set(counts))
+        if missing:
+            raise ValueError(f"study {self.name}: no seed count for {', '.join(missing)}")
+        return dataclasses.replace(self, seeds=max(counts.values()), seeds_per_variant=dict(counts))
+
+    def seeds_of(self, variant: dict[str, Any]) -> int:
+        """How many seeds (0..k-1) the variant runs."""
+        return (self.seeds_per_variant or {}).get(variant_name(variant, self), self.seeds)
 
     def reference_point(self) -> dict[str, Any]:
         """The reference variant: `reference`, with the first value of every path it leaves out."""
@@ -78,7 +103,7 @@ class Study:
         return [
             {**self.fixed, **variant, SEED_PATH: seed}
             for variant in self.variants()
-            for seed in range(self.seeds)
+            for seed in range(self.seeds_of(variant))
         ]
 
 
