@@ -792,7 +792,10 @@ class PostgresServer:
             if first:
                 self.sql(f"CREATE DATABASE {POSTGRES_DATABASE}", database="postgres")
         except BaseException:
-            self.stop()
+            if first:
+                self.remove()  # a half-made data directory is of no use
+            else:
+                self.stop()
             raise
         return self
 

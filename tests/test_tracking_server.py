@@ -112,10 +112,12 @@ def secrets_and_database(tmp_path, s3_server):  # noqa: F811
         "secretsmanager", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
     )  # fmt: skip
-    secrets.create_secret(Name=SECRET_PREFIX + "tracking-db", SecretString=postgres.uri)
-    secrets.create_secret(Name=SECRET_PREFIX + "mlflow-admin-password", SecretString=ADMIN_PASSWORD)
-    yield s3_server, postgres, secrets
-    postgres.remove()
+    try:
+        secrets.create_secret(Name=SECRET_PREFIX + "tracking-db", SecretString=postgres.uri)
+        secrets.create_secret(Name=SECRET_PREFIX + "mlflow-admin-password", SecretString=ADMIN_PASSWORD)
+        yield s3_server, postgres, secrets
+    finally:
+        postgres.remove()
 
 
 @pytest.mark.slow
