@@ -526,11 +526,13 @@ class TwoNodeCluster:
         nodes = [node for node in (self.head, self.worker) if node is not None]
         return "\n".join(f"--- {node.log} ---\n{tail(node.log)}" for node in nodes)
 
-    def stop(self) -> None:
-        """Stop the worker node, then the head; kill what is left of either; remove the Ray temp dirs."""
+    def stop(self, kill: bool = False) -> None:
+        """Stop the worker node, then the head; kill what is left of either; remove the Ray temp dirs. With
+        `kill`, SIGKILL both nodes at once instead, as machines that are lost (`start` works again after
+        either)."""
         for node in (self.worker, self.head):
             if node is not None:
-                node.stop()
+                node.kill() if kill else node.stop()
         for temp_dir in self._temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -697,6 +699,12 @@ class MlflowServer:
 
         if self.proc is not None:
             stop_server(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as when its machine is lost; the store stays where it is."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 POSTGRES_USER = "kmax"

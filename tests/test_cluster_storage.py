@@ -377,10 +377,10 @@ def _sweep_until_one_trial_done(argv: list[str], env: dict, trials: Path, log: P
 
 
 def _head_goes(cluster: TwoNodeCluster, tracking: Tracking, sweep_dir: Path) -> None:
-    """The head is lost: its tracking server, the whole Ray cluster, the server's files and the driver's
-    local sweep directory."""
-    tracking.server.stop()
-    cluster.stop()
+    """The head is lost, at once: its tracking server and the whole Ray cluster SIGKILLed (as machines that
+    lose power), the server's files and the driver's local sweep directory deleted."""
+    tracking.server.kill()
+    cluster.stop(kill=True)
     shutil.rmtree(tracking.server.root)
     shutil.rmtree(sweep_dir, ignore_errors=True)
 
