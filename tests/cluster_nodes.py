@@ -531,8 +531,12 @@ class TwoNodeCluster:
         `kill`, SIGKILL both nodes at once instead, as machines that are lost (`start` works again after
         either)."""
         for node in (self.worker, self.head):
-            if node is not None:
-                node.kill() if kill else node.stop()
+            if node is None:
+                continue
+            if kill:
+                node.kill()
+            else:
+                node.stop()
         for temp_dir in self._temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
