@@ -184,18 +184,21 @@ def choose_auth_mode(address: str | None) -> None:
 
 def check_cluster_admits(address: str) -> None:
     """Raise `RayJoinError` in one line when the cluster at ``address`` refuses this client's token (or its
-    lack of one), within a second instead of ray.init's 20 s of retries and traceback. A Ray Client
-    address (``ray://``) is left to Ray."""
+    lack of one), within a second instead of ray.init's 20 s of retries and traceback, or when nothing
+    answers there. A Ray Client address (``ray://``) is left to Ray."""
     if address.startswith("ray://"):
         return
     from ray._private.services import canonicalize_bootstrap_address_or_die
     from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
 
     gcs_address = canonicalize_bootstrap_address_or_die(address)
     try:
-        with _stderr_silenced():  # the GCS client logs each refused attempt from C++ on fd 2
+        with _stderr_silenced():  # the GCS client logs each failed attempt from C++ on fd 2
             GcsClient(address=gcs_address)
+    except RpcError as exc:  # nothing answers there (Ray's own connection timeout, about 40 s here)
+        reason = str(exc).rstrip(".")
+        raise RayJoinError(f"no Ray cluster answers at {address} ({reason}); is the cluster up?") from None
     except AuthenticationError:
         raise RayJoinError(
             f"the Ray cluster at {address} refused this client ({_token_held()}): it runs with token "
