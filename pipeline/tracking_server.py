@@ -166,13 +166,14 @@ def backend_store(environ: Mapping[str, str], state_dir: Path, ephemeral: bool) 
     SQLite store in ``state_dir`` when asked for, else ValueError (one line)."""
     db = environ.get(TRACKING_DB_VARIABLE, "").strip()
     if db:
-        scheme = urlsplit(db).scheme.split("+")[0]
+        full_scheme = urlsplit(db).scheme
+        scheme = full_scheme.split("+")[0]
         if scheme not in DATABASE_SCHEMES:
             raise ValueError(
                 f"{TRACKING_DB_VARIABLE} must name a database server ({', '.join(DATABASE_SCHEMES)}), "
                 f"such as postgresql://user:password@host:5432/db; got {redact(db)}"
             )
-        if scheme == "postgresql" and urlsplit(db).scheme == "postgresql":
+        if full_scheme == "postgresql":
             # the driver named: SQLAlchemy's default for a bare postgresql:// changed between versions
             # (psycopg2 in 2.0, psycopg 3 in 2.1), and the project installs psycopg 3
             db = "postgresql+psycopg" + db[len("postgresql") :]
@@ -220,11 +221,7 @@ def write_auth_config(path: Path, database_uri: str, admin: str) -> Path:
         f"database_uri = {uri}\nadmin_username = {admin}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return path
+    return _write_private(path, text)
 
 
 def write_client_credentials(username: str, password: str, home: Path | None = None) -> Path:
@@ -233,10 +230,17 @@ def write_client_credentials(username: str, password: str, home: Path | None = N
     sweep driver under `ray submit`, `kmax compare`) log in without a secret in their environment, and a
     sweep hands the driver's credentials to its trials (pipeline.tracking.credential_env)."""
     path = (home or Path.home()) / ".mlflow" / "credentials"
+    text = f"[mlflow]\nmlflow_tracking_username = {username}\nmlflow_tracking_password = {password}\n"
+    return _write_private(path, text)
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (its folder made), readable by its owner only from the first byte: it
+    holds a password."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"[mlflow]\nmlflow_tracking_username = {username}\nmlflow_tracking_password = {password}\n")
+        f.write(text)
     return path
 
 
