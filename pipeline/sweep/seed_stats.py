@@ -43,7 +43,12 @@ def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
     """``t_{(1 + confidence) / 2, n - 1}``: the Student t quantile of a two-sided interval of n values."""
     if n < MIN_SEEDS:
         raise ValueError(f"a t interval needs >= {MIN_SEEDS} values, got {n}")
-    return float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1))
+    return float(_two_sided_t(n, confidence))
+
+
+def _two_sided_t(n, confidence: float):
+    """``t_{(1 + confidence) / 2, n - 1}`` for a number or an array of n (nan where n < 2)."""
+    return stats.t.ppf((1.0 + confidence) / 2.0, np.asarray(n, dtype=np.float64) - 1.0)
 
 
 def t_radius(n, std, confidence: float = CONFIDENCE):
@@ -51,7 +56,7 @@ def t_radius(n, std, confidence: float = CONFIDENCE):
     values with sample std ``std``; arrays or numbers; inf where n < `MIN_SEEDS` (no interval)."""
     n = np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        radius = stats.t.ppf((1.0 + confidence) / 2.0, n - 1.0) * np.asarray(std, np.float64) / np.sqrt(n)
+        radius = _two_sided_t(n, confidence) * np.asarray(std, np.float64) / np.sqrt(n)
     return np.where(n >= MIN_SEEDS, radius, np.inf)
 
 
