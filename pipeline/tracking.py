@@ -189,6 +189,14 @@ def get_or_create_experiment(target: TrackingTarget, name: str) -> str:
     return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}, **kwargs)
 
 
+def read_run_record(location: str | Path) -> dict[str, str]:
+    """The ``location/mlflow_run.json`` record of a run or sweep (`RUN_ID_FILE`): tracking_uri,
+    experiment_id, run_id. FileNotFoundError when the run was never started."""
+    from pipeline import storage
+
+    return json.loads(storage.read_text(storage.join(str(location), RUN_ID_FILE)))
+
+
 def start_or_resume_run(
     target: TrackingTarget,
     experiment_name: str,
@@ -209,7 +217,7 @@ def start_or_resume_run(
     client = _client(target.tracking_uri)
     record = storage.join(str(location), RUN_ID_FILE)
     if storage.is_file(record):
-        saved = json.loads(storage.read_text(record))
+        saved = read_run_record(location)
         same_uri = saved.get("tracking_uri") == target.tracking_uri
         if _run_exists(client, saved["run_id"]):
             client.update_run(saved["run_id"], status="RUNNING")

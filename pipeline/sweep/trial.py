@@ -112,7 +112,7 @@ def close_stopped_trials(results, book: TrialBook, echo) -> list[str]:
         spec = book.specs[trial_key(result.config, book.study)]
         if result.error is not None or spec.done():
             continue
-        run_id = json.loads(storage.read_text(storage.join(spec.location, tracking.RUN_ID_FILE)))["run_id"]
+        run_id = tracking.read_run_record(spec.location)["run_id"]
         logger = tracking.RunLogger(book.tracking.tracking_uri, run_id)
         logger.set_tags({EARLY_STOPPED_TAG: "true"})
         logger.finish("FINISHED")

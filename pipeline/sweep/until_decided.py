@@ -31,7 +31,6 @@ and for an undecided one its interval and an estimate of the seeds it would need
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import time
@@ -42,7 +41,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.config import ExperimentConfig
 from pipeline.sweep.confidence_sequence import DEFAULT_ALPHA, DEFAULT_PRECISION
 from pipeline.sweep.decision import DEFAULT_MARGIN, UNDECIDED, Design, compare_pair
@@ -295,9 +293,9 @@ def _merge(total: UntilDecidedSummary | None, round_) -> UntilDecidedSummary:
 
 def _recorded_summary(location: str) -> UntilDecidedSummary:
     """The summary of a call that ran no round (the study had stopped): the sweep's recorded parent run."""
-    from pipeline.tracking import RUN_ID_FILE
+    from pipeline.tracking import read_run_record
 
-    saved = json.loads(storage.read_text(storage.join(location, RUN_ID_FILE)))
+    saved = read_run_record(location)
     return UntilDecidedSummary(location, saved["tracking_uri"], saved["run_id"])
 
 
